@@ -1,0 +1,215 @@
+"""Stratified pollution splits (section 4.1 of the paper, protocol "sroc-replace").
+
+For one category and one seed:
+
+1. A *pollution set* of ``round(set_fraction * N)`` defective test images is drawn, where N is the
+   number of original training images (all good). Its defect-type proportions follow those of the
+   defective test images (largest-remainder allocation). The pollution set leaves the test set for
+   every ratio of that seed.
+2. For a pollution ratio p, ``l = round(p * N)`` training goods are replaced by ``l`` pollution
+   images, so the training set keeps N images.
+3. Ratios are nested: the seed fixes one removal order of the goods and one injection order of the
+   pollution set; ratio p takes the first ``l`` of each. The images injected at 10 % are therefore a
+   subset of those injected at 20 %.
+
+The manifest written per (category, seed) records, for every image of the category, its role
+(``train``, ``pollution`` or ``test``) with the ranks that derive every ratio's training set, so no
+ratio needs a file of its own.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+PROTOCOL = "sroc-replace"
+ROLES = ("train", "pollution", "test")
+MANIFEST_COLUMNS = (
+    "image_id",
+    "category",
+    "origin",
+    "defect_type",
+    "label",
+    "path",
+    "mask_path",
+    "role",
+    "removal_rank",
+    "injection_rank",
+)
+
+
+class CategoryExcluded(ValueError):
+    """The category cannot supply the pollution set and still keep defective test images."""
+
+
+def round_half_up(x: float) -> int:
+    """round(x) as the paper means it: 2.5 -> 3 (Python's round() would give 2).
+
+    The epsilon absorbs binary noise such as 0.15 * 30 = 4.499999999999999.
+    """
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def n_injected(n_train: int, ratio: float) -> int:
+    """Number of training goods replaced by pollution images at ``ratio``."""
+    return round_half_up(ratio * n_train)
+
+
+def allocate_by_type(counts: dict[str, int], total: int) -> dict[str, int]:
+    """Split ``total`` across defect types in proportion to ``counts`` (largest remainder).
+
+    Ties in the remainders go to the type that comes first by name, so the allocation does not
+    depend on dictionary order.
+    """
+    available = sum(counts.values())
+    if total > available:
+        raise ValueError(f"cannot draw {total} images from {available}")
+    if total == 0:
+        return {t: 0 for t in counts}
+    quotas = {t: total * c / available for t, c in counts.items()}
+    alloc = {t: math.floor(q) for t, q in quotas.items()}
+    leftover = total - sum(alloc.values())
+    by_remainder = sorted(counts, key=lambda t: (-(quotas[t] - alloc[t]), t))
+    for t in by_remainder[:leftover]:
+        alloc[t] += 1
+    return alloc
+
+
+def category_rng(category: str, seed: int) -> np.random.Generator:
+    """One generator per (category, seed): independent of job order and of ``--cores``."""
+    return np.random.default_rng([int(seed), zlib.crc32(category.encode("utf-8"))])
+
+
+def make_split(
+    index: pd.DataFrame,
+    seed: int,
+    set_fraction: float = 0.2,
+    min_test_defective: int = 1,
+) -> pd.DataFrame:
+    """Build the manifest of one category for one seed.
+
+    ``index`` is a category index (``sroc.data.index_category``). Raises ``CategoryExcluded`` when
+    the defective test images cannot supply the pollution set while keeping at least
+    ``min_test_defective`` of them for evaluation.
+    """
+    if not 0 <= set_fraction < 1:
+        raise ValueError(f"set_fraction must lie in [0, 1), got {set_fraction}")
+    categories = index["category"].unique()
+    if len(categories) != 1:
+        raise ValueError(f"an index must hold one category, got {list(categories)}")
+    category = str(categories[0])
+    index = index.sort_values("image_id", kind="stable").reset_index(drop=True)
+
+    train = index[index["origin"] == "train"]
+    if (train["label"] != 0).any():
+        bad = train.loc[train["label"] != 0, "image_id"].tolist()[:5]
+        raise ValueError(f"{category}: training images must all be good, found defective {bad}")
+    test_defective = index[(index["origin"] == "test") & (index["label"] == 1)]
+    n_train = len(train)
+    set_size = round_half_up(set_fraction * n_train)
+    n_defective = len(test_defective)
+    if set_size > n_defective - min_test_defective:
+        raise CategoryExcluded(
+            f"{category}: the pollution set needs {set_size} defective test images "
+            f"({set_fraction:g} x {n_train} train images) and {min_test_defective} must stay in "
+            f"the test set, but the test set has only {n_defective}"
+        )
+
+    rng = category_rng(category, seed)
+    removal_rank = np.empty(n_train, dtype=np.int64)
+    removal_rank[rng.permutation(n_train)] = np.arange(1, n_train + 1)
+
+    counts = test_defective.groupby("defect_type").size().to_dict()
+    allocation = allocate_by_type(counts, set_size)
+    pollution_ids: list[str] = []
+    for defect_type in sorted(allocation):
+        candidates = test_defective.loc[
+            test_defective["defect_type"] == defect_type, "image_id"
+        ].to_numpy()
+        chosen = rng.choice(len(candidates), size=allocation[defect_type], replace=False)
+        pollution_ids.extend(candidates[np.sort(chosen)])
+    injection_order = rng.permutation(len(pollution_ids))
+
+    manifest = index.copy()
+    manifest["role"] = "test"
+    manifest.loc[manifest["origin"] == "train", "role"] = "train"
+    manifest["removal_rank"] = pd.array([pd.NA] * len(manifest), dtype="Int64")
+    manifest.loc[manifest["role"] == "train", "removal_rank"] = removal_rank
+    manifest["injection_rank"] = pd.array([pd.NA] * len(manifest), dtype="Int64")
+    position = pd.Series(np.arange(len(manifest)), index=manifest["image_id"])
+    rows = position.loc[pollution_ids].to_numpy()
+    manifest.loc[rows, "role"] = "pollution"
+    manifest.loc[rows[injection_order], "injection_rank"] = np.arange(1, len(rows) + 1)
+    return manifest[list(MANIFEST_COLUMNS)]
+
+
+def max_ratio(manifest: pd.DataFrame) -> float:
+    """The largest pollution ratio the manifest's pollution set can serve."""
+    n_train = int((manifest["role"] == "train").sum())
+    return int((manifest["role"] == "pollution").sum()) / n_train if n_train else 0.0
+
+
+def training_set(manifest: pd.DataFrame, ratio: float) -> pd.DataFrame:
+    """The training images at pollution ``ratio``, with a boolean column ``polluted``."""
+    train = manifest[manifest["role"] == "train"]
+    pollution = manifest[manifest["role"] == "pollution"]
+    n_train = len(train)
+    n_poll = n_injected(n_train, ratio)
+    if n_poll > len(pollution):
+        raise ValueError(
+            f"ratio {ratio:g} needs {n_poll} pollution images but the pollution set holds "
+            f"{len(pollution)}: use ratios up to the pollution set fraction (about "
+            f"{max_ratio(manifest):.3f})"
+        )
+    kept = train[train["removal_rank"] > n_poll]
+    injected = pollution[pollution["injection_rank"] <= n_poll]
+    out = pd.concat([kept, injected]).sort_values("image_id", kind="stable")
+    out = out.assign(polluted=out["role"] == "pollution")
+    return out.reset_index(drop=True)
+
+
+def test_set(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The evaluation images of this seed, identical for every ratio."""
+    return manifest[manifest["role"] == "test"].reset_index(drop=True)
+
+
+def read_manifest(path) -> pd.DataFrame:
+    manifest = pd.read_csv(
+        path,
+        dtype={"image_id": str, "category": str, "defect_type": str, "mask_path": str},
+        keep_default_na=False,
+        na_values={"removal_rank": [""], "injection_rank": [""]},
+    )
+    for column in ("removal_rank", "injection_rank"):
+        manifest[column] = manifest[column].astype("Int64")
+    missing = set(MANIFEST_COLUMNS) - set(manifest.columns)
+    if missing:
+        raise ValueError(f"{path}: not a split manifest, columns {sorted(missing)} are missing")
+    return manifest
+
+
+def summarize(manifest: pd.DataFrame, ratios: Iterable[float]) -> pd.DataFrame:
+    """One row per ratio: split sizes and the pollution composition by defect type."""
+    test = test_set(manifest)
+    rows = []
+    for ratio in ratios:
+        train = training_set(manifest, ratio)
+        polluted = train[train["polluted"]]
+        row = {
+            "ratio": ratio,
+            "n_train": len(train),
+            "n_train_good": int((~train["polluted"]).sum()),
+            "n_train_polluted": len(polluted),
+            "pollution_by_type": "; ".join(
+                f"{t}={n}" for t, n in polluted.groupby("defect_type").size().items()
+            ),
+            "n_test": len(test),
+            "n_test_good": int((test["label"] == 0).sum()),
+            "n_test_defective": int((test["label"] == 1).sum()),
+        }
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,165 @@
+"""Invariants of the pollution splits (section 4.1, protocol notes)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sroc import splits
+
+
+def fake_index(n_train: int, defect_counts: dict[str, int], n_test_good: int = 10, category="cat"):
+    rows = [("train", "good", 0, i) for i in range(n_train)]
+    rows += [("test", "good", 0, i) for i in range(n_test_good)]
+    for defect_type, count in defect_counts.items():
+        rows += [("test", defect_type, 1, i) for i in range(count)]
+    index = pd.DataFrame(
+        {
+            "image_id": [f"{o}/{t}/{i:03d}" for o, t, _, i in rows],
+            "category": category,
+            "origin": [o for o, _, _, _ in rows],
+            "defect_type": [t for _, t, _, _ in rows],
+            "label": [lab for _, _, lab, _ in rows],
+            "path": [f"/data/{category}/{o}/{t}/{i:03d}.png" for o, t, _, i in rows],
+            "mask_path": [
+                "" if lab == 0 else f"/data/{category}/ground_truth/{t}/{i:03d}_mask.png"
+                for _, t, lab, i in rows
+            ],
+        }
+    )
+    return index.sort_values("image_id").reset_index(drop=True)
+
+
+RATIOS = [0.0, 0.05, 0.1, 0.15, 0.2]
+
+
+@pytest.fixture
+def index():
+    return fake_index(97, {"crack": 31, "hole": 17, "scratch": 9, "tiny": 2})
+
+
+def test_train_size_is_constant_and_pollution_count_is_rounded(index):
+    manifest = splits.make_split(index, seed=3)
+    for ratio in RATIOS:
+        train = splits.training_set(manifest, ratio)
+        assert len(train) == 97
+        expected = int(np.floor(ratio * 97 + 0.5))  # round half up, e.g. 0.05*97=4.85 -> 5
+        assert train["polluted"].sum() == expected
+        assert (train.loc[train["polluted"], "label"] == 1).all()
+        assert (train.loc[~train["polluted"], "origin"] == "train").all()
+
+
+def test_pollution_set_is_stratified_by_defect_type(index):
+    manifest = splits.make_split(index, seed=0)
+    pollution = manifest[manifest["role"] == "pollution"]
+    set_size = int(np.floor(0.2 * 97 + 0.5))
+    assert len(pollution) == set_size == 19
+    counts = {"crack": 31, "hole": 17, "scratch": 9, "tiny": 2}
+    total = sum(counts.values())
+    got = pollution.groupby("defect_type").size().reindex(list(counts), fill_value=0)
+    for defect_type, count in counts.items():
+        # Largest remainder keeps every type within one image of its exact proportional share.
+        assert abs(got[defect_type] - set_size * count / total) < 1
+    # 19 * (31, 17, 9, 2) / 59 = 9.98, 5.47, 2.90, 0.64 -> floors 9, 5, 2, 0 and 3 remainders
+    # go to the largest fractions: crack .98, scratch .90, tiny .64.
+    assert got.to_dict() == {"crack": 10, "hole": 5, "scratch": 3, "tiny": 1}
+
+
+def test_allocation_matches_brute_force_definition():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        counts = {f"t{i}": int(c) for i, c in enumerate(rng.integers(1, 40, rng.integers(1, 6)))}
+        total = int(rng.integers(0, sum(counts.values()) + 1))
+        alloc = splits.allocate_by_type(counts, total)
+        assert sum(alloc.values()) == total
+        quotas = {t: total * c / sum(counts.values()) for t, c in counts.items()}
+        for t in counts:
+            assert np.floor(quotas[t]) <= alloc[t] <= np.ceil(quotas[t])
+        # No type that got its floor has a strictly larger remainder than one that got rounded up.
+        up = [quotas[t] % 1 for t in counts if alloc[t] > np.floor(quotas[t])]
+        down = [quotas[t] % 1 for t in counts if alloc[t] == np.floor(quotas[t])]
+        if up and down:
+            assert min(up) >= max(down) - 1e-12
+
+
+def test_ratios_are_nested(index):
+    manifest = splits.make_split(index, seed=1)
+    sets = [set(splits.training_set(manifest, r)["image_id"]) for r in RATIOS]
+    polluted = [
+        set(splits.training_set(manifest, r).query("polluted")["image_id"]) for r in RATIOS
+    ]
+    for low, high in itertools.pairwise(range(len(RATIOS))):
+        assert polluted[low] <= polluted[high]
+        removed_low = set(index.query("origin == 'train'")["image_id"]) - sets[low]
+        removed_high = set(index.query("origin == 'train'")["image_id"]) - sets[high]
+        assert removed_low <= removed_high
+
+
+def test_pollution_is_disjoint_from_the_test_set(index):
+    manifest = splits.make_split(index, seed=2)
+    test_ids = set(splits.test_set(manifest)["image_id"])
+    pollution_ids = set(manifest.query("role == 'pollution'")["image_id"])
+    assert not test_ids & pollution_ids
+    for ratio in RATIOS:
+        assert not set(splits.training_set(manifest, ratio)["image_id"]) & test_ids
+    # Every image of the category has exactly one role.
+    assert len(manifest) == len(index)
+    assert set(manifest["image_id"]) == set(index["image_id"])
+    assert (splits.test_set(manifest)["label"] == 1).sum() == 59 - 19
+
+
+def test_splits_are_deterministic_and_independent_of_row_order(index):
+    a = splits.make_split(index, seed=4)
+    b = splits.make_split(index.sample(frac=1, random_state=7), seed=4)
+    pd.testing.assert_frame_equal(a, b)
+    c = splits.make_split(index, seed=5)
+    assert not a["removal_rank"].equals(c["removal_rank"])
+    assert set(a.query("role == 'pollution'")["image_id"]) != set(
+        c.query("role == 'pollution'")["image_id"]
+    ) or not a["injection_rank"].equals(c["injection_rank"])
+
+
+def test_categories_draw_independently():
+    a = splits.make_split(fake_index(50, {"x": 30}, category="a"), seed=0)
+    b = splits.make_split(fake_index(50, {"x": 30}, category="b"), seed=0)
+    assert not np.array_equal(a["removal_rank"].dropna(), b["removal_rank"].dropna())
+
+
+def test_category_without_enough_defects_is_excluded():
+    # MVTec hazelnut: 391 train goods, 70 defective test images; 78 are needed.
+    with pytest.raises(splits.CategoryExcluded, match="needs 78 defective test images"):
+        splits.make_split(fake_index(391, {"crack": 18, "cut": 17, "hole": 18, "print": 17}), 0)
+    # Exactly enough, keeping one for the test set, is accepted.
+    manifest = splits.make_split(fake_index(50, {"crack": 11}), seed=0)
+    assert (splits.test_set(manifest)["label"] == 1).sum() == 1
+
+
+def test_ratio_above_the_pollution_set_is_refused(index):
+    manifest = splits.make_split(index, seed=0)
+    with pytest.raises(ValueError, match="ratio 0.3 needs 29 pollution images"):
+        splits.training_set(manifest, 0.3)
+
+
+def test_manifest_round_trips_through_csv(index, tmp_path):
+    manifest = splits.make_split(index, seed=0)
+    manifest.to_csv(tmp_path / "m.csv", index=False)
+    back = splits.read_manifest(tmp_path / "m.csv")
+    pd.testing.assert_frame_equal(manifest, back, check_dtype=False)
+    for ratio in RATIOS:
+        pd.testing.assert_frame_equal(
+            splits.training_set(manifest, ratio), splits.training_set(back, ratio),
+            check_dtype=False,
+        )
+
+
+def test_summary_reports_composition(index):
+    manifest = splits.make_split(index, seed=0)
+    summary = splits.summarize(manifest, [0.0, 0.2])
+    last = summary.iloc[-1]
+    assert last["n_train"] == 97 and last["n_train_polluted"] == 19
+    assert last["pollution_by_type"] == "crack=10; hole=5; scratch=3; tiny=1"
+    assert summary.iloc[0]["pollution_by_type"] == ""
+    assert last["n_test_defective"] == 40
