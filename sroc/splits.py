@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 PROTOCOL = "sroc-replace"
-ROLES = ("train", "pollution", "test")
+ROLES = ("train", "pollution", "test", "excluded")
 MANIFEST_COLUMNS = (
     "image_id",
     "category",
@@ -144,6 +144,17 @@ def make_split(
     rows = position.loc[pollution_ids].to_numpy()
     manifest.loc[rows, "role"] = "pollution"
     manifest.loc[rows[injection_order], "injection_rank"] = np.arange(1, len(rows) + 1)
+    return manifest[list(MANIFEST_COLUMNS)]
+
+
+def excluded_manifest(index: pd.DataFrame) -> pd.DataFrame:
+    """The manifest of an excluded category: every image listed, none with a role in the run."""
+    manifest = index.sort_values("image_id", kind="stable").reset_index(drop=True)
+    manifest = manifest.assign(
+        role="excluded",
+        removal_rank=pd.array([pd.NA] * len(manifest), dtype="Int64"),
+        injection_rank=pd.array([pd.NA] * len(manifest), dtype="Int64"),
+    )
     return manifest[list(MANIFEST_COLUMNS)]
 
 

@@ -88,9 +88,7 @@ def test_allocation_matches_brute_force_definition():
 def test_ratios_are_nested(index):
     manifest = splits.make_split(index, seed=1)
     sets = [set(splits.training_set(manifest, r)["image_id"]) for r in RATIOS]
-    polluted = [
-        set(splits.training_set(manifest, r).query("polluted")["image_id"]) for r in RATIOS
-    ]
+    polluted = [set(splits.training_set(manifest, r).query("polluted")["image_id"]) for r in RATIOS]
     for low, high in itertools.pairwise(range(len(RATIOS))):
         assert polluted[low] <= polluted[high]
         removed_low = set(index.query("origin == 'train'")["image_id"]) - sets[low]
@@ -150,7 +148,8 @@ def test_manifest_round_trips_through_csv(index, tmp_path):
     pd.testing.assert_frame_equal(manifest, back, check_dtype=False)
     for ratio in RATIOS:
         pd.testing.assert_frame_equal(
-            splits.training_set(manifest, ratio), splits.training_set(back, ratio),
+            splits.training_set(manifest, ratio),
+            splits.training_set(back, ratio),
             check_dtype=False,
         )
 
