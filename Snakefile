@@ -16,3 +16,6 @@ rule all:
 include: "workflow/rules/data.smk"
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/embed.smk"
+include: "workflow/rules/detect.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"

@@ -2,7 +2,6 @@
 
 from sroc.data import read_index
 from sroc.embeddings import build_cache
-
 from sroc.logs import rule_logging
 
 with rule_logging(snakemake.log[0]):

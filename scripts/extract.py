@@ -1,10 +1,12 @@
-"""Rule extract_mvtec: verify the archive, then extract it safely into place."""
+"""Rule extract_mvtec: verify the archive, then extract its categories safely into place."""
 
-from sroc.datasets import extract_archive_safely, verify_sha256
-
+from sroc.datasets import prepare_mvtec
 from sroc.logs import rule_logging
 
 with rule_logging(snakemake.log[0]):
-    if snakemake.params.sha256:
-        verify_sha256(snakemake.input[0], snakemake.params.sha256)
-    extract_archive_safely(snakemake.input[0], snakemake.output[0])
+    prepare_mvtec(
+        snakemake.output[0],
+        archive=snakemake.input[0],
+        sha256=snakemake.params.sha256,
+        categories=snakemake.params.categories,
+    )

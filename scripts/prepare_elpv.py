@@ -1,7 +1,6 @@
 """Rule prepare_elpv: the elpv solar-cell dataset in MVTec AD layout."""
 
 from sroc.datasets import prepare_elpv
-
 from sroc.logs import rule_logging
 
 with rule_logging(snakemake.log[0]):

@@ -2,9 +2,8 @@
 
 import json
 
-from sroc.data import read_index
-
 from sroc import splits
+from sroc.data import read_index
 from sroc.io import atomic_path, write_text_atomic
 from sroc.logs import rule_logging
 

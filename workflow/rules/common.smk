@@ -22,6 +22,8 @@ SEEDS = config["pollution"]["seeds"]
 RATIOS = sorted(config["pollution"]["ratios"])
 BACKBONE = BackboneConfig(**{k: v for k, v in config["backbone"].items() if k != "threads"})
 BACKBONE_TAG = BACKBONE.tag()
+DETECTORS = config.get("detectors", {})
+EVALUATION = {"fpr_limit": 0.3, "resolution": None, **config.get("evaluation", {})}
 
 if max(RATIOS) > config["pollution"]["set_fraction"] + 1e-9:
     raise ValueError(
@@ -72,6 +74,7 @@ REQUIRE_MASKS = SOURCE != "elpv"
 wildcard_constraints:
     category="|".join(map(str, CATEGORIES)) if CATEGORIES else "[^/]+",
     seed=r"\d+",
+    detector="|".join(DETECTORS) if DETECTORS else "[^/]+",
 
 
 def data_input():
@@ -91,10 +94,32 @@ def embedding_cache(category="{category}"):
     return f"{RESULTS}/embeddings/{category}/{BACKBONE_TAG}.h5"
 
 
+def detector_scores(detector="{detector}", category="{category}", seed="{seed}"):
+    return f"{RESULTS}/scores/{detector}/{category}/seed{seed}.h5"
+
+
+def detector_mem_mb(wildcards, input):
+    """Memory of one detector job, from the detector's own estimate on this category's cache."""
+    from sroc.detectors import estimate_memory_mb
+    from sroc.embeddings import cache_shapes
+
+    run = DETECTORS[wildcards.detector]
+    if not Path(input.cache).exists():
+        return 8000  # the cache is not built yet (dry run); estimated when the job is scheduled
+    n_images, shapes = cache_shapes(input.cache)
+    # Every image of the category bounds both the training and the test set of any split.
+    return int(estimate_memory_mb(run["type"], run.get("params", {}), n_images, n_images, shapes))
+
+
 def all_targets():
     targets = [
         f"{RESULTS}/tables/split_summary.csv",
         f"{RESULTS}/tables/split_summary.md",
     ]
     targets += [embedding_cache(c) for c in CATEGORIES]
+    if DETECTORS:
+        targets += [
+            f"{RESULTS}/tables/pollution_robustness.csv",
+            f"{RESULTS}/plots/auroc_vs_pollution.png",
+        ]
     return targets

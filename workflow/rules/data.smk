@@ -53,6 +53,7 @@ if SOURCE == "mvtec" and DATA_TARGET is not None:
             directory(DATA_ROOT),
         params:
             sha256=MVTEC.get("sha256"),
+            categories=CATEGORIES,
         log:
             "resources/mvtec/extract.log",
         script:

@@ -12,22 +12,3 @@ rule split:
         f"{LOGS}/splits/{{category}}/seed{{seed}}.log",
     script:
         "../../scripts/split.py"
-
-
-rule split_summary:
-    input:
-        manifests=expand(manifest(), category=CATEGORIES, seed=SEEDS),
-        infos=expand(split_info(), category=CATEGORIES, seed=SEEDS),
-    output:
-        csv=report(
-            f"{RESULTS}/tables/split_summary.csv",
-            caption="../report/split_summary.rst",
-            category="Splits",
-        ),
-        markdown=f"{RESULTS}/tables/split_summary.md",
-    params:
-        ratios=RATIOS,
-    log:
-        f"{LOGS}/split_summary.log",
-    script:
-        "../../scripts/split_summary.py"

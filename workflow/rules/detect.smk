@@ -1,0 +1,18 @@
+rule detect:
+    input:
+        manifest=manifest(),
+        info=split_info(),
+        cache=embedding_cache(),
+    output:
+        scores=detector_scores(),
+    params:
+        detector_type=lambda wildcards: DETECTORS[wildcards.detector]["type"],
+        detector_params=lambda wildcards: DETECTORS[wildcards.detector].get("params", {}),
+        ratios=RATIOS,
+    threads: lambda wildcards: DETECTORS[wildcards.detector].get("threads", 2)
+    resources:
+        mem_mb=detector_mem_mb,
+    log:
+        f"{LOGS}/detect/{{detector}}/{{category}}/seed{{seed}}.log",
+    script:
+        "../../scripts/detect.py"
