@@ -149,6 +149,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return _decode(path, _to_rgb)
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """The (height, width) of an image, read from its header (the index validated its pixels)."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, ValueError) as error:
+        raise DatasetError(
+            _problem(path, f"cannot read the image header ({error})", "re-run the index rule")
+        ) from error
+
+
 def read_mask(path: str | os.PathLike, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
     """Read a ground-truth mask as a boolean (H, W) array: any nonzero pixel is defective.
 

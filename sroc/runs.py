@@ -144,57 +144,40 @@ def evaluate_runs(
     """Metrics of every run of every detector on one (category, seed) test set.
 
     The ground truth is read and its regions labelled once, then reused by every run. Maps are
-    brought to ground-truth resolution (or to ``resolution``) by ``resize_maps`` with a Gaussian
-    of ``smoothing_sigma`` pixels at the backbone input size, scaled to the target size.
+    brought to ground-truth resolution (or to ``resolution`` x ``resolution``) by bilinear
+    interpolation and smoothed by a Gaussian of ``smoothing_sigma`` pixels at the backbone input
+    size (4 px, as PaDiM and PatchCore), scaled to the target size.
     """
-    from sroc.data import read_mask
-    from sroc.detectors import resize_maps
+    from sroc.data import image_size
+    from sroc.detectors import resize_maps, scale_sigma
     from sroc.metrics import PixelGroundTruth, image_auroc
 
-    shapes = [image_shape(p) for p in test["path"]]
-    if resolution is not None:
-        shapes = [(resolution, resolution)] * len(test)
-    has_masks = (test["mask_path"] != "").any()
     ground_truth = None
-    if has_masks:
-        masks = [
-            resize_mask(read_mask(m), shape) if m else np.zeros(shape, dtype=bool)
-            for m, shape in zip(test["mask_path"], shapes, strict=True)
-        ]
-        ground_truth = PixelGroundTruth(masks)
+    if (test["mask_path"] != "").any():
+        ground_truth = PixelGroundTruth.from_mask_paths(
+            test["mask_path"].tolist(),
+            [image_size(path) for path in test["path"]],
+            resolution=None if resolution is None else (resolution, resolution),
+        )
     labels = test["label"].to_numpy()
+    test_ids = test["image_id"].to_numpy(dtype=str)
     rows = []
     for detector, path in score_files.items():
         runs, _ = read_scores(path)
         for run in runs:
-            if not np.array_equal(run.image_ids, test["image_id"].to_numpy(dtype=str)):
+            if not np.array_equal(run.image_ids, test_ids):
                 raise ValueError(f"{path}: run {run.name} was scored on other test images")
             row = {"detector": detector, "run": run.name, **run.attrs}
             row["image_auroc"] = image_auroc(labels, run.scores)
-            if ground_truth is not None:
+            if ground_truth is None:
+                row.update(
+                    au_pro=np.nan, au_iou=np.nan, fpr_limit=fpr_limit, pixel_resolution="no masks"
+                )
+            else:
                 maps = [
-                    resize_maps(m[None], shape, smoothing_sigma * shape[0] / input_size)[0]
-                    for m, shape in zip(run.maps, shapes, strict=True)
+                    resize_maps(m[None], shape, scale_sigma(smoothing_sigma, input_size, shape))[0]
+                    for m, shape in zip(run.maps, ground_truth.shapes, strict=True)
                 ]
                 row.update(ground_truth.evaluate(maps, fpr_limit=fpr_limit))
-            else:
-                row.update({"au_pro": np.nan, "au_iou": np.nan})
-            row.update({"fpr_limit": fpr_limit, "resolution": resolution or "ground_truth"})
             rows.append(row)
     return pd.DataFrame(rows)
-
-
-def image_shape(path: str) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.height, image.width
-
-
-def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize, so that a mask stays binary."""
-    if mask.shape == tuple(shape):
-        return mask
-    rows = (np.arange(shape[0]) * mask.shape[0] / shape[0]).astype(int)
-    cols = (np.arange(shape[1]) * mask.shape[1] / shape[1]).astype(int)
-    return mask[rows][:, cols]

@@ -413,3 +413,16 @@ def test_real_shared_datasets_index_without_error(dataset, category, caplog):
         assert caplog.text.count("uneven/exp") == 4 and "All-zero masks" in caplog.text
     else:
         assert (defective["defect_type"] == "impurity").all() and len(defective) == 48
+
+
+def test_image_size_reads_the_header_as_height_width(tmp_path):
+    from PIL import Image
+
+    from sroc.data import DatasetError, image_size, read_image
+
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((7, 13), dtype=np.uint8)).save(path)
+    assert image_size(path) == read_image(path).shape[:2] == (7, 13)
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="junk.png"):
+        image_size(tmp_path / "junk.png")
