@@ -27,5 +27,6 @@ with rule_logging(snakemake.log[0]) as log:
             snakemake.input.cache,
             snakemake.params.ratios,
             seed=info["seed"],
+            n_jobs=snakemake.threads,
         )
     runs.write_scores(snakemake.output.scores, results, attrs)

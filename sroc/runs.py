@@ -48,10 +48,12 @@ def pollution_runs(
     cache_path: str | Path,
     ratios: Sequence[float],
     seed: int,
+    n_jobs: int = 1,
 ) -> list[RunScores]:
     """Fit the detector on the training set of every pollution ratio and score the test set.
 
-    The features of the category are read once; each ratio only selects rows.
+    The features of the category are read once; each ratio only selects rows. The detector's
+    ``random_state`` is the split seed.
     """
     test = splits.test_set(manifest)
     candidates = manifest[manifest["role"].isin(["train", "pollution"])]
@@ -65,7 +67,9 @@ def pollution_runs(
     for ratio in ratios:
         train = splits.training_set(manifest, ratio)
         train_rows = np.array([row_of[i] for i in train["image_id"]])
-        detector = make_detector(detector_type, random_state=seed, **detector_params)
+        detector = make_detector(
+            detector_type, random_state=seed, n_jobs=n_jobs, **detector_params
+        )
         start = time.perf_counter()
         detector.fit(select(features, train_rows))
         fitted = time.perf_counter()
