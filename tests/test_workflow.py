@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -100,3 +103,79 @@ def test_mvtec_dag_of_15_categories_and_5_seeds_builds_quickly(tmp_path, mvtec_l
     assert jobs["embed"] == 15
     assert "download_mvtec" not in jobs and "extract_mvtec" not in jobs
     assert elapsed < 30, f"the dry run took {elapsed:.1f} s"
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """The smoke configuration run once to completion; later tests re-plan it."""
+    workdir = tmp_path_factory.mktemp("synthetic_run")
+    config = yaml.safe_load((REPO / "config" / "synthetic.yaml").read_text())
+    config["pollution"]["seeds"] = [0]
+    snakemake(workdir, config)
+    return workdir, config
+
+
+@pytest.mark.slow
+def test_end_to_end_run_writes_tables_with_sane_metrics(synthetic_run):
+    workdir, config = synthetic_run
+    results = workdir / "results" / "synthetic"
+    summary = pd.read_csv(results / "tables" / "split_summary.csv")
+    assert set(summary["ratio"]) == {0.0, 0.1, 0.2}
+    assert (summary["n_train"] == 20).all()
+    assert list(summary["n_train_polluted"]) == [0, 2, 4] * 2
+    table = pd.read_csv(results / "tables" / "pollution_robustness.csv")
+    assert set(table["detector"]) == set(config["detectors"])
+    assert set(table["category"]) == {"grid_texture", "dot_texture", "mean"}
+    runs = pd.read_csv(results / "tables" / "metrics_all_runs.csv")
+    assert len(runs) == 2 * len(config["detectors"]) * 3
+    assert runs[["image_auroc", "au_pro", "au_iou"]].notna().all().all()
+    assert runs["au_pro"].between(0, 1).all() and runs["au_iou"].between(0, 1).all()
+    # The synthetic defects are plain to see: PatchCore on clean data ranks them near perfectly.
+    clean = runs.query("detector == 'patchcore' and pollution_ratio == 0")
+    assert (clean["image_auroc"] > 0.95).all() and (clean["au_pro"] > 0.8).all()
+    assert (results / "plots" / "auroc_vs_pollution.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_rerun_does_nothing_and_a_detector_change_reembeds_nothing(synthetic_run):
+    workdir, config = synthetic_run
+    assert planned_jobs(snakemake(workdir, config, "--dry-run").stdout) == {}
+    changed = yaml.safe_load(yaml.safe_dump(config))
+    changed["detectors"]["knn"]["params"]["n_neighbors"] = 3
+    jobs = planned_jobs(snakemake(workdir, changed, "--dry-run").stdout)
+    assert jobs.get("detect") == 2  # knn on each category; the other detectors are untouched
+    assert "embed" not in jobs and "split" not in jobs and "index_category" not in jobs
+    assert jobs.get("evaluate") == 2 and jobs.get("pollution_table") == 1
+
+
+@pytest.mark.slow
+def test_a_killed_embedding_leaves_no_cache_and_the_next_run_completes(synthetic_run):
+    workdir, config = synthetic_run
+    config = yaml.safe_load(yaml.safe_dump(config))
+    config["backbone"]["input_size"] = 160  # a new backbone configuration: a new cache
+    config_path = workdir / "killed.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    folder = workdir / "results" / "synthetic" / "embeddings" / "grid_texture"
+    before = set(folder.glob("*.h5"))
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+            "--directory", str(workdir), "--configfile", str(config_path), "--cores", "1",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(folder.glob(".*.h5*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(folder.glob(".*.h5*")), "the embedding job never started writing"
+    os.killpg(process.pid, signal.SIGKILL)  # the whole job, as a node failure would
+    process.wait()
+    assert set(folder.glob("*.h5")) == before, "a killed job must not leave a cache in place"
+    snakemake(workdir, config, "--unlock")
+    snakemake(workdir, config)
+    new = set(folder.glob("*.h5")) - before
+    assert len(new) == 1
+    from sroc.embeddings import load_features
+
+    features, metadata = load_features(new.pop())
+    assert len(metadata) == 41 and all(np.isfinite(f).all() for f in features.values())
