@@ -11,7 +11,6 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 from sroc.backbones import BackboneConfig  # noqa: E402
 from sroc.data import list_categories  # noqa: E402
 
-
 validate(config, schema="../schemas/config.schema.yaml")
 
 DATASET = config["dataset"]
@@ -20,7 +19,9 @@ RESULTS = f"{config['results_dir']}/{DATASET['name']}"
 LOGS = f"{RESULTS}/logs"
 SEEDS = config["pollution"]["seeds"]
 RATIOS = sorted(config["pollution"]["ratios"])
-BACKBONE = BackboneConfig(**{k: v for k, v in config["backbone"].items() if k != "threads"})
+BACKBONE = BackboneConfig(
+    **{k: v for k, v in config["backbone"].items() if k != "threads"}
+)
 BACKBONE_TAG = BACKBONE.tag()
 DETECTORS = config.get("detectors", {})
 EVALUATION = {"fpr_limit": 0.3, "resolution": None, **config.get("evaluation", {})}
@@ -108,7 +109,11 @@ def detector_mem_mb(wildcards, input):
         return 8000  # the cache is not built yet (dry run); estimated when the job is scheduled
     n_images, shapes = cache_shapes(input.cache)
     # Every image of the category bounds both the training and the test set of any split.
-    return int(estimate_memory_mb(run["type"], run.get("params", {}), n_images, n_images, shapes))
+    return int(
+        estimate_memory_mb(
+            run["type"], run.get("params", {}), n_images, n_images, shapes
+        )
+    )
 
 
 def all_targets():

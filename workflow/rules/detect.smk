@@ -5,14 +5,18 @@ rule detect:
         cache=embedding_cache(),
     output:
         scores=detector_scores(),
-    params:
-        detector_type=lambda wildcards: DETECTORS[wildcards.detector]["type"],
-        detector_params=lambda wildcards: DETECTORS[wildcards.detector].get("params", {}),
-        ratios=RATIOS,
+    log:
+        f"{LOGS}/detect/{{detector}}/{{category}}/seed{{seed}}.log",
+    conda:
+        "../../envs/sroc.yaml"
     threads: lambda wildcards: DETECTORS[wildcards.detector].get("threads", 2)
     resources:
         mem_mb=detector_mem_mb,
-    log:
-        f"{LOGS}/detect/{{detector}}/{{category}}/seed{{seed}}.log",
+    params:
+        detector_type=lambda wildcards: DETECTORS[wildcards.detector]["type"],
+        detector_params=lambda wildcards: DETECTORS[wildcards.detector].get(
+            "params", {}
+        ),
+        ratios=RATIOS,
     script:
         "../../scripts/detect.py"

@@ -3,12 +3,14 @@ rule embed:
         index=f"{RESULTS}/index/{{category}}.csv",
     output:
         cache=embedding_cache(),
-    params:
-        backbone=BACKBONE,
+    log:
+        f"{LOGS}/embed/{{category}}.log",
+    conda:
+        "../../envs/sroc.yaml"
     threads: config["backbone"].get("threads", 2)
     resources:
         mem_mb=8000,
-    log:
-        f"{LOGS}/embed/{{category}}.log",
+    params:
+        backbone=BACKBONE,
     script:
         "../../scripts/embed.py"

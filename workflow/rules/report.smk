@@ -9,10 +9,12 @@ rule split_summary:
             category="Splits",
         ),
         markdown=f"{RESULTS}/tables/split_summary.md",
-    params:
-        ratios=RATIOS,
     log:
         f"{LOGS}/split_summary.log",
+    conda:
+        "../../envs/sroc.yaml"
+    params:
+        ratios=RATIOS,
     script:
         "../../scripts/split_summary.py"
 
@@ -37,9 +39,11 @@ rule pollution_table:
             caption="../report/auroc_vs_pollution.rst",
             category="Pollution robustness",
         ),
-    params:
-        dataset=DATASET["name"],
     log:
         f"{LOGS}/pollution_table.log",
+    conda:
+        "../../envs/sroc.yaml"
+    params:
+        dataset=DATASET["name"],
     script:
         "../../scripts/pollution_table.py"

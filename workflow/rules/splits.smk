@@ -4,11 +4,13 @@ rule split:
     output:
         manifest=manifest(),
         info=split_info(),
+    log:
+        f"{LOGS}/splits/{{category}}/seed{{seed}}.log",
+    conda:
+        "../../envs/sroc.yaml"
     params:
         seed=lambda wildcards: int(wildcards.seed),
         set_fraction=config["pollution"]["set_fraction"],
         min_test_defective=config["pollution"].get("min_test_defective", 1),
-    log:
-        f"{LOGS}/splits/{{category}}/seed{{seed}}.log",
     script:
         "../../scripts/split.py"
