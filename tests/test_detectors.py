@@ -1,0 +1,595 @@
+"""Detectors against independent brute-force references (loops, scikit-learn, torch autograd)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import LedoitWolf
+from sklearn.exceptions import NotFittedError
+
+from sroc import detectors
+from sroc.detectors import (
+    DETECTORS,
+    KNNDetector,
+    MahalanobisDetector,
+    PaDiMDetector,
+    PatchCoreDetector,
+    estimate_memory_mb,
+    greedy_coreset_indices,
+    ledoit_wolf,
+    make_detector,
+    resize_maps,
+    scale_sigma,
+)
+
+RTOL = 1e-5
+STAGES = {"s1": (6, 8, 8), "s2": (10, 4, 4), "s3": (12, 2, 2)}
+
+
+def random_features(n: int, seed: int, shapes=STAGES) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # Per-channel offsets and scales make the covariances anisotropic, as real features are.
+    return {
+        name: (
+            rng.normal(size=(1, c, 1, 1))
+            + rng.uniform(0.5, 2.0, (1, c, 1, 1)) * rng.normal(size=(n, c, h, w))
+        ).astype(np.float32)
+        for name, (c, h, w) in shapes.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def train():
+    return random_features(12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def test():
+    return random_features(5, seed=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Brute-force references
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear resize with half-pixel centres, one output pixel at a time."""
+    in_h, in_w = image.shape
+    out = np.zeros((out_h, out_w))
+
+    def source(o, n_in, n_out):
+        s = max((o + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(math.floor(s)), n_in - 1)
+        return i0, min(i0 + 1, n_in - 1), s - i0
+
+    for y in range(out_h):
+        y0, y1, wy = source(y, in_h, out_h)
+        for x in range(out_w):
+            x0, x1, wx = source(x, in_w, out_w)
+            top = (1 - wx) * image[y0, x0] + wx * image[y0, x1]
+            bottom = (1 - wx) * image[y1, x0] + wx * image[y1, x1]
+            out[y, x] = (1 - wy) * top + wy * bottom
+    return out
+
+
+def ref_gaussian(image: np.ndarray, sigma_y: float, sigma_x: float) -> np.ndarray:
+    """Separable Gaussian, mirror borders (d c b a | a b c d), kernel cut at 4 sigma."""
+    out = image.astype(np.float64)
+    for axis, sigma in ((0, sigma_y), (1, sigma_x)):
+        radius = int(4.0 * sigma + 0.5)
+        taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+        taps /= taps.sum()
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="symmetric")
+        smoothed = np.zeros_like(out)
+        for offset, tap in enumerate(taps):
+            window = [slice(None), slice(None)]
+            window[axis] = slice(offset, offset + out.shape[axis])
+            smoothed += tap * padded[tuple(window)]
+        out = smoothed
+    return out
+
+
+def ref_nearest(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Replicate each cell of (n, C, h, w) into an integer block."""
+    return np.repeat(
+        np.repeat(maps, height // maps.shape[2], axis=2), width // maps.shape[3], axis=3
+    )
+
+
+def ref_bilinear_stack(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    if maps.shape[2:] == (height, width):
+        return maps.astype(np.float64)
+    return np.array([[ref_bilinear(m, height, width) for m in image] for image in maps])
+
+
+def ref_average_3x3(maps: np.ndarray) -> np.ndarray:
+    """3x3 mean with zero padding, padded cells counted: the mean of nine shifted copies."""
+    padded = np.pad(maps.astype(np.float64), [(0, 0), (0, 0), (1, 1), (1, 1)])
+    h, w = maps.shape[2:]
+    return sum(padded[:, :, dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)) / 9
+
+
+def ref_adaptive_pool(vectors: np.ndarray, size: int) -> np.ndarray:
+    dim = vectors.shape[1]
+    out = np.zeros((vectors.shape[0], size))
+    for i in range(size):
+        start, stop = (i * dim) // size, -((-(i + 1) * dim) // size)
+        out[:, i] = vectors[:, start:stop].mean(axis=1)
+    return out
+
+
+def ref_gap(features, stages):
+    return np.concatenate([features[s].astype(np.float64).mean(axis=(2, 3)) for s in stages], 1)
+
+
+def ref_patches(aligned: np.ndarray) -> np.ndarray:
+    """(n, D, H, W) -> (n, H*W, D) float64."""
+    n, d = aligned.shape[:2]
+    return aligned.reshape(n, d, -1).transpose(0, 2, 1).astype(np.float64)
+
+
+def pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances from direct differences, in float64."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+
+def metric_of(distances: np.ndarray, metric: str) -> np.ndarray:
+    return distances if metric == "euclidean" else distances**2
+
+
+def assert_close(actual, expected, rtol=RTOL, atol=1e-6):
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Map post-processing and shared pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resize_maps_matches_bilinear_then_gaussian_reference():
+    maps = np.random.default_rng(0).random((2, 6, 5)).astype(np.float32)
+    out = resize_maps(maps, (15, 11), sigma=(1.5, 0.8))
+    expected = [ref_gaussian(ref_bilinear(m, 15, 11), 1.5, 0.8) for m in maps]
+    assert out.shape == (2, 15, 11) and out.dtype == np.float32
+    assert_close(out, np.array(expected))
+    assert_close(resize_maps(maps, 9, 0.0), np.array([ref_bilinear(m, 9, 9) for m in maps]))
+
+
+def test_scale_sigma_follows_the_resize_of_each_axis():
+    assert scale_sigma(4.0, 380, (480, 190)) == pytest.approx((4.0 * 480 / 380, 2.0))
+    assert scale_sigma(4.0, 380, 48) == pytest.approx((4.0 * 48 / 380,) * 2)
+
+
+@pytest.mark.parametrize("n_samples", [5, 40])
+def test_ledoit_wolf_matches_scikit_learn(n_samples):
+    rng = np.random.default_rng(n_samples)
+    batch = rng.normal(size=(3, n_samples, 7)) * rng.uniform(0.1, 3.0, 7)
+    mean, cov, shrinkage = ledoit_wolf(batch)
+    for i, samples in enumerate(batch):
+        reference = LedoitWolf().fit(samples)
+        assert_close(mean[i], reference.location_, atol=1e-12)
+        assert_close(cov[i], reference.covariance_, rtol=1e-10, atol=1e-12)
+        assert shrinkage[i] == pytest.approx(reference.shrinkage_, rel=1e-10)
+
+
+def test_greedy_coreset_matches_brute_force_k_center():
+    points = np.random.default_rng(3).normal(size=(60, 5)).astype(np.float32)
+    starts = np.array([4, 17, 33])
+    distances = pairwise(points, points)
+    current = distances[:, starts].mean(axis=1)
+    expected = []
+    for _ in range(12):
+        chosen = int(np.argmax(current))
+        expected.append(chosen)
+        current = np.minimum(current, distances[:, chosen])
+    assert greedy_coreset_indices(points, 12, starts).tolist() == sorted(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# KNN / SPADE
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_knn(train, test, k, metric, gallery, kappa, exclude_self=False):
+    stages = list(train)
+    train_embed, test_embed = ref_gap(train, stages), ref_gap(test, stages)
+    height, width = train["s1"].shape[2:]
+    align = lambda f: np.concatenate([ref_nearest(f[s], height, width) for s in stages], axis=1)  # noqa: E731
+    train_patches, test_patches = ref_patches(align(train)), ref_patches(align(test))
+    scores, maps = [], []
+    for i in range(len(test_embed)):
+        distances = np.linalg.norm(train_embed - test_embed[i], axis=1)
+        if exclude_self:
+            distances[i] = np.inf
+        neighbours = np.argsort(distances)[:k]
+        scores.append(metric_of(distances[neighbours], metric).mean())
+        if gallery == "same_location":
+            per_image = np.linalg.norm(train_patches[neighbours] - test_patches[i][None], axis=2)
+            patch = metric_of(per_image, metric).mean(axis=0)
+        else:
+            pool = train_patches[neighbours].reshape(-1, test_patches.shape[2])
+            nearest = np.sort(pairwise(test_patches[i], pool), axis=1)[:, :kappa]
+            patch = metric_of(nearest, metric).mean(axis=1)
+        maps.append(patch.reshape(height, width))
+    return np.array(scores), np.array(maps)
+
+
+@pytest.mark.parametrize(
+    "metric, gallery, kappa",
+    [
+        ("euclidean", "all_locations", 1),
+        ("sqeuclidean", "all_locations", 3),
+        ("euclidean", "same_location", 1),
+    ],
+)
+def test_knn_matches_reference(train, test, metric, gallery, kappa):
+    detector = KNNDetector(n_neighbors=5, metric=metric, gallery=gallery, n_patch_neighbors=kappa)
+    scores, maps = detector.fit(train).score(test)
+    expected_scores, expected_maps = ref_knn(train, test, 5, metric, gallery, kappa)
+    assert maps.shape == (5, 8, 8)
+    assert_close(scores, expected_scores)
+    assert_close(maps, expected_maps)
+
+
+def test_knn_on_its_training_set_finds_itself_unless_excluded(train):
+    scores, maps = KNNDetector(n_neighbors=3).fit(train).score(train)
+    expected_scores, _ = ref_knn(train, train, 3, "euclidean", "all_locations", 1)
+    assert_close(scores, expected_scores)
+    assert np.all(maps == 0)  # each patch finds itself in its own image, at exactly 0
+    excluded = KNNDetector(n_neighbors=3, exclude_self=True).fit(train)
+    scores, maps = excluded.score(train)
+    expected_scores, expected_maps = ref_knn(train, train, 3, "euclidean", "all_locations", 1, True)
+    assert_close(scores, expected_scores)
+    assert_close(maps, expected_maps)
+
+
+def test_exclude_self_rejects_other_images(train, test):
+    for name in ("knn", "patchcore"):
+        detector = make_detector(name, exclude_self=True, n_neighbors=2).fit(train)
+        with pytest.raises(ValueError, match="exclude_self"):
+            detector.score(test)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mahalanobis and its Grad-CAM
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mahalanobis_scores_match_scikit_learn(train, test):
+    scores, _ = MahalanobisDetector().fit(train).score(test)
+    expected = np.zeros(5)
+    for stage in train:
+        model = LedoitWolf().fit(train[stage].astype(np.float64).mean(axis=(2, 3)))
+        centred = test[stage].astype(np.float64).mean(axis=(2, 3)) - model.location_
+        precision = np.linalg.inv(model.covariance_)
+        expected += np.sqrt(np.einsum("nc,cd,nd->n", centred, precision, centred))
+    assert_close(scores, expected)
+
+
+@pytest.mark.parametrize("cam_stage", [None, "s1"])
+def test_mahalanobis_grad_cam_matches_autograd(train, test, cam_stage):
+    detector = MahalanobisDetector(cam_stage=cam_stage).fit(train)
+    target = cam_stage or "s3"
+    leaves = {s: torch.tensor(test[s], dtype=torch.float64, requires_grad=True) for s in test}
+    total = 0
+    for stage, leaf in leaves.items():
+        model = LedoitWolf().fit(train[stage].astype(np.float64).mean(axis=(2, 3)))
+        precision = torch.from_numpy(np.linalg.inv(model.covariance_))
+        centred = leaf.mean(dim=(2, 3)) - torch.from_numpy(model.location_)
+        total = total + torch.sqrt(torch.einsum("nc,cd,nd->n", centred, precision, centred))
+    total.sum().backward()  # images are independent: each image's gradient is its own score's
+    activation = leaves[target].detach()
+    weights = leaves[target].grad.mean(dim=(2, 3))
+    cam = torch.relu(torch.einsum("nc,nchw->nhw", weights, activation)).numpy()
+    assert_close(detector.grad_cam(test[target]), cam)
+    _, maps = detector.score(test)
+    assert_close(maps, np.array([ref_bilinear(c, 8, 8) for c in cam]))
+    assert cam.max() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# PaDiM
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_padim(train, test, channels):
+    stages = list(train)
+    align = lambda f: np.concatenate([ref_nearest(f[s], 8, 8) for s in stages], 1)[:, channels]  # noqa: E731
+    train_patches, test_patches = ref_patches(align(train)), ref_patches(align(test))
+    maps = np.zeros((len(test_patches), 64))
+    for location in range(64):
+        model = LedoitWolf().fit(train_patches[:, location])
+        precision = np.linalg.inv(model.covariance_)
+        centred = test_patches[:, location] - model.location_
+        maps[:, location] = np.sqrt(np.einsum("nc,cd,nd->n", centred, precision, centred))
+    maps = maps.reshape(-1, 8, 8)
+    return maps.max(axis=(1, 2)), maps
+
+
+@pytest.mark.parametrize("n_features", [None, 9])
+def test_padim_matches_reference(train, test, n_features):
+    detector = PaDiMDetector(n_features=n_features, random_state=7).fit(train)
+    channels = detector.channels_
+    assert len(channels) == (n_features or 28) and np.all(np.diff(channels) > 0)
+    scores, maps = detector.score(test)
+    expected_scores, expected_maps = ref_padim(train, test, channels)
+    assert_close(scores, expected_scores)
+    assert_close(maps, expected_maps)
+
+
+def test_padim_channel_subset_is_seeded(train):
+    first = PaDiMDetector(n_features=9, random_state=7).fit(train).channels_
+    again = PaDiMDetector(n_features=9, random_state=7).fit(train).channels_
+    other = PaDiMDetector(n_features=9, random_state=8).fit(train).channels_
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+def test_padim_chunked_computation_gives_the_same_result(train, test, monkeypatch):
+    whole = PaDiMDetector().fit(train).score(test)
+    monkeypatch.setattr(detectors, "WORKSPACE_MB", 1e-6)  # one location per chunk
+    chunked = PaDiMDetector().fit(train).score(test)
+    assert_close(chunked[0], whole[0], rtol=1e-12)
+    assert_close(chunked[1], whole[1], rtol=1e-6)
+
+
+def test_padim_memory_budget_error_names_the_numbers_and_the_fix(train, test):
+    # A budget that the 256 MB of scratch alone nearly fills.
+    detector = PaDiMDetector(max_memory_mb=detectors.WORKSPACE_MB + 0.1)
+    with pytest.raises(ValueError, match=r"64 per-location covariances of d=28.*n_features <="):
+        detector.fit(train)
+    with pytest.raises(NotFittedError):  # a failed fit leaves nothing half-usable
+        detector.score(test)
+
+
+# ---------------------------------------------------------------------------------------------
+# PatchCore
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_patchcore_features(features, patch_size, target_dim):
+    parts = []
+    for stage in features:
+        maps = ref_average_3x3(features[stage]) if patch_size == 3 else features[stage]
+        parts.append(ref_bilinear_stack(maps, 8, 8))
+    patches = ref_patches(np.concatenate(parts, axis=1))  # (n, 64, D)
+    if target_dim is not None:
+        patches = np.array([ref_adaptive_pool(p, target_dim) for p in patches])
+    return patches
+
+
+def ref_patchcore_scores(test_patches, bank, k, metric, excluded_rows=None):
+    maps = []
+    for i, patches in enumerate(test_patches):
+        distances = pairwise(patches, bank)
+        if excluded_rows is not None:
+            distances[:, excluded_rows[i]] = np.inf
+        maps.append(metric_of(np.sort(distances, axis=1)[:, :k], metric).mean(axis=1))
+    maps = np.array(maps).reshape(-1, 8, 8)
+    return maps.max(axis=(1, 2)), maps
+
+
+@pytest.mark.parametrize(
+    "patch_size, target_dim, metric",
+    [(3, None, "euclidean"), (1, None, "sqeuclidean"), (3, 11, "euclidean")],
+)
+def test_patchcore_exact_matches_reference(train, test, patch_size, target_dim, metric):
+    detector = PatchCoreDetector(
+        index="flat", patch_size=patch_size, target_dim=target_dim, metric=metric
+    )
+    scores, maps = detector.fit(train).score(test)
+    bank = ref_patchcore_features(train, patch_size, target_dim).reshape(-1, target_dim or 28)
+    expected_scores, expected_maps = ref_patchcore_scores(
+        ref_patchcore_features(test, patch_size, target_dim), bank, 5, metric
+    )
+    assert_close(scores, expected_scores)
+    assert_close(maps, expected_maps)
+
+
+@pytest.mark.parametrize("index", ["flat", "ivfflat"])
+def test_patchcore_exclude_self_leaves_each_image_out(train, index):
+    # With every IVF cell probed the IVF search is exhaustive, hence exact.
+    detector = PatchCoreDetector(index=index, n_lists=4, n_probes=4, exclude_self=True)
+    scores, maps = detector.fit(train).score(train)
+    patches = ref_patchcore_features(train, 3, None)
+    own_rows = [np.arange(i * 64, (i + 1) * 64) for i in range(12)]
+    expected_scores, expected_maps = ref_patchcore_scores(
+        patches, patches.reshape(-1, 28), 5, "euclidean", own_rows
+    )
+    assert_close(scores, expected_scores)
+    assert_close(maps, expected_maps)
+
+
+def test_patchcore_on_its_training_set_counts_itself_at_zero(train):
+    _, maps = PatchCoreDetector(index="flat", n_neighbors=1).fit(train).score(train)
+    assert np.all(maps == 0)
+
+
+def test_patchcore_coreset_searches_the_selected_patches(train, test):
+    detector = PatchCoreDetector(index="flat", coreset_ratio=0.25, coreset_projection_dim=8).fit(
+        train
+    )
+    kept = detector.memory_indices_
+    assert len(kept) == math.ceil(0.25 * 12 * 64) and np.all(np.diff(kept) > 0)
+    bank = ref_patchcore_features(train, 3, None).reshape(-1, 28)[kept]
+    expected_scores, expected_maps = ref_patchcore_scores(
+        ref_patchcore_features(test, 3, None), bank, 5, "euclidean"
+    )
+    scores, maps = detector.score(test)
+    assert_close(scores, expected_scores)
+    assert_close(maps, expected_maps)
+
+
+def test_patchcore_ivf_is_deterministic_and_close_to_exact(train, test):
+    bigger_train, bigger_test = random_features(60, seed=5), random_features(10, seed=6)
+    runs = [
+        PatchCoreDetector(n_lists=16, n_probes=4, random_state=3)
+        .fit(bigger_train)
+        .score(bigger_test)
+        for _ in range(2)
+    ]
+    assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+    exact = PatchCoreDetector(index="flat").fit(bigger_train).score(bigger_test)
+    # An approximate search can only miss neighbours, never find closer ones.
+    assert np.all(runs[0][1] >= exact[1] - 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interface: registry, map size, input checks, memory estimates
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registry_and_parameter_errors():
+    assert set(DETECTORS) == {"knn", "mahalanobis", "padim", "patchcore"}
+    assert isinstance(make_detector("padim", n_features=3), PaDiMDetector)
+    for name in DETECTORS:  # the workflow passes the run seed to every detector
+        make_detector(name, random_state=4)
+    with pytest.raises(ValueError, match="unknown detector 'spade'"):
+        make_detector("spade")
+    with pytest.raises(ValueError, match=r"no parameter\(s\) \['k'\]"):
+        make_detector("knn", k=5)
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_map_size_resizes_and_smooths_the_grid_maps(train, test, name):
+    params = {"index": "flat"} if name == "patchcore" else {}
+    scores, grid_maps = make_detector(name, **params).fit(train).score(test)
+    sized_scores, sized_maps = (
+        make_detector(name, map_size=20, map_sigma=1.5, **params).fit(train).score(test)
+    )
+    assert grid_maps.shape == (5, 8, 8) and sized_maps.shape == (5, 20, 20)
+    assert_close(sized_scores, scores, rtol=0, atol=0)
+    assert_close(sized_maps, resize_maps(grid_maps, 20, 1.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_input_errors_name_the_problem(train, test, name):
+    detector = make_detector(name, stages=["s1", "s2"])
+    with pytest.raises(NotFittedError, match="not fitted"):
+        detector.score(test)
+    detector.fit(train)
+    assert detector.stages_ == ["s1", "s2"]
+    with pytest.raises(ValueError, match=r"lack stage\(s\) \['s2'\]"):
+        detector.score({"s1": test["s1"]})
+    with pytest.raises(ValueError, match="differ from those seen in fit"):
+        detector.score({**test, "s2": test["s2"][:, :4]})
+    with pytest.raises(ValueError, match="NaN"):
+        detector.score({**test, "s1": np.full_like(test["s1"], np.nan)})
+
+
+def test_memory_estimates_cover_the_fitted_state(train, test):
+    shapes = {s: a.shape[1:] for s, a in train.items()}
+    inputs_mb = (12 + 5) * sum(math.prod(v) for v in shapes.values()) * 4 / 2**20
+    fitted = {
+        "knn": lambda d: d.train_patches_.nbytes,
+        "padim": lambda d: d.choleskys_.nbytes + d.means_.nbytes,
+        "patchcore": lambda d: 2 * d.memory_bank_.nbytes,
+        "mahalanobis": lambda d: sum(w.nbytes for w in d.choleskys_.values()),
+    }
+    for name, state_bytes in fitted.items():
+        detector = make_detector(name).fit(train)
+        estimate = estimate_memory_mb(name, {}, 12, 5, shapes)
+        assert (
+            estimate - detectors.INTERPRETER_OVERHEAD_MB - inputs_mb
+            >= state_bytes(detector) / 2**20
+        )
+    big = {"blocks.2": (48, 48, 48), "blocks.4": (120, 24, 24), "blocks.5": (208, 12, 12)}
+    assert estimate_memory_mb("patchcore", {}, 400, 100, big) > estimate_memory_mb(
+        "patchcore", {}, 200, 100, big
+    )
+    padim = estimate_memory_mb("padim", {}, 200, 100, big)
+    assert padim > 2304 * 376**2 * 4 / 2**20  # the per-location matrices dominate
+
+
+# ---------------------------------------------------------------------------------------------
+# Real features: localisation on the synthetic dataset, IVF recall on ../shared/data
+# ---------------------------------------------------------------------------------------------
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def embedded_category(root: Path, category: str, cache: Path, config) -> tuple[dict, dict, object]:
+    """Features of one category's train and test images, and the test metadata."""
+    from sroc.data import index_category
+    from sroc.embeddings import build_cache, load_features
+
+    build_cache(index_category(root, category), cache, config, threads=2, progress=False)
+    features, metadata = load_features(cache)
+    is_train = (metadata["origin"] == "train").to_numpy()
+    train = {s: a[is_train] for s, a in features.items()}
+    test = {s: a[~is_train] for s, a in features.items()}
+    return train, test, metadata[~is_train].reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def synthetic_features(tmp_path_factory):
+    from sroc.backbones import BackboneConfig
+    from sroc.datasets import make_synthetic_dataset
+
+    folder = tmp_path_factory.mktemp("synthetic")
+    root = make_synthetic_dataset(
+        folder / "data",
+        categories=("grid_texture",),
+        n_train=30,
+        n_test_good=5,
+        n_test_per_defect=5,
+    )
+    config = BackboneConfig(name="tf_efficientnet_lite0", input_size=224, runtime="torch")
+    return (*embedded_category(root, "grid_texture", folder / "cache.h5", config), config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, params", [("padim", {"n_features": 100}), ("patchcore", {})])
+def test_maps_localise_synthetic_defects(synthetic_features, name, params):
+    from sklearn.metrics import roc_auc_score
+
+    from sroc.data import read_mask
+
+    train, test, metadata = synthetic_features[:3]
+    input_size = synthetic_features[3].input_size
+    _, maps = make_detector(name, **params).fit(train).score(test)
+    masks, upsampled = [], []
+    for grid_map, mask_path, height, width in zip(
+        maps, metadata["mask_path"], metadata["height"], metadata["width"], strict=True
+    ):
+        shape = (int(height), int(width))
+        masks.append(read_mask(mask_path) if mask_path else np.zeros(shape, dtype=bool))
+        sigma = scale_sigma(4.0, input_size, shape)
+        upsampled.append(resize_maps(grid_map[None], shape, sigma)[0])
+    pixel_auroc = roc_auc_score(
+        np.concatenate([m.ravel() for m in masks]), np.concatenate([u.ravel() for u in upsampled])
+    )
+    assert pixel_auroc > 0.9, f"{name}: pixel AUROC {pixel_auroc:.3f}"
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+def test_ivf_default_recall_and_speed_on_real_features(tmp_path):
+    import time
+
+    from sroc.backbones import BackboneConfig
+
+    train, test, _ = embedded_category(
+        SHARED_DATA / "piped", "PA_BDP01_TL", tmp_path / "cache.h5", BackboneConfig()
+    )
+    ivf = PatchCoreDetector(n_jobs=2).fit(train)
+    exact = PatchCoreDetector(index="flat", n_jobs=2).fit(train)
+    patches = ivf.patch_features(test)
+    queries = patches[np.random.default_rng(0).choice(len(patches), 3000, replace=False)]
+    started = time.perf_counter()
+    _, exact_ids = exact.kneighbors(queries)
+    exact_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    _, ivf_ids = ivf.kneighbors(queries)
+    ivf_seconds = time.perf_counter() - started
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ivf_ids, exact_ids, strict=True)])
+    assert recall >= 0.95, f"recall@5 {recall:.3f} with {ivf.n_lists_} lists, {ivf.n_probes} probes"
+    assert ivf_seconds < exact_seconds
