@@ -1,0 +1,398 @@
+"""The embedding cache: every image of one category through the frozen backbone, once.
+
+One HDF5 file per (dataset, category, backbone configuration)::
+
+    /features/<stage>   (n, C, H, W) float16 (or float32), one chunk per image, finest stage first
+    /images/image_id, origin, defect_type, mask_path, path   utf-8 strings
+    /images/label       int8;   /images/height, /images/width   int32, original image size
+    attrs: backbone_config (JSON), config_hash, category, stages (JSON), runtime, versions,
+           complete = 1 (written last)
+
+The file is written under a temporary name and renamed when complete, and readers refuse a file
+without ``complete``: a killed job leaves nothing that a later step accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from sroc.backbones import BackboneConfig, FeatureExtractor, select_runner
+from sroc.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+INDEX_COLUMNS = ("image_id", "category", "origin", "defect_type", "label", "path", "mask_path")
+_STRING_COLUMNS = ("image_id", "origin", "defect_type", "mask_path", "path")
+METADATA_COLUMNS = (
+    "image_id",
+    "category",
+    "origin",
+    "defect_type",
+    "label",
+    "mask_path",
+    "path",
+    "height",
+    "width",
+)
+
+
+class IncompleteCacheError(ValueError):
+    """An embedding cache was not finished (interrupted build) or is not a cache at all."""
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def _validated_index(index: pd.DataFrame) -> pd.DataFrame:
+    missing = [column for column in INDEX_COLUMNS if column not in index.columns]
+    if missing:
+        raise ValueError(f"index lacks column(s) {missing}: build it with sroc.data.index_category")
+    if index.empty:
+        raise ValueError("index holds no image: nothing to embed")
+    categories = index["category"].unique()
+    if len(categories) != 1:
+        raise ValueError(
+            f"index mixes categories {sorted(categories)}: one cache holds one category"
+        )
+    duplicated = index["image_id"][index["image_id"].duplicated()].unique()
+    if len(duplicated):
+        raise ValueError(f"index repeats image ids {list(duplicated[:5])}: ids must be unique")
+    return index.sort_values("image_id", ignore_index=True)
+
+
+class _BatchReader:
+    """Decodes and preprocesses batches in background threads while the caller runs inference.
+
+    Iterating yields ``(start, batch, heights, widths)`` in index order. An error while reading
+    (e.g. a corrupt file, raised by ``sroc.data.read_image`` with the file named) is re-raised in
+    the consumer.
+    """
+
+    def __init__(
+        self, paths: Sequence[str], extractor: FeatureExtractor, batch_size: int, threads: int
+    ):
+        self._paths = list(paths)
+        self._extractor = extractor
+        self._batch_size = batch_size
+        self._threads = threads
+        # Enough decoded batches to keep every inference worker busy.
+        self._queue: queue.Queue = queue.Queue(maxsize=threads + 1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="sroc-image-reader", daemon=True)
+
+    def __enter__(self) -> _BatchReader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+    def _load(self, path: str) -> tuple[np.ndarray, int, int]:
+        from sroc.data import read_image
+
+        image = read_image(path)
+        return self._extractor.preprocess(image), image.shape[0], image.shape[1]
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            with ThreadPoolExecutor(self._threads, thread_name_prefix="sroc-decode") as pool:
+                for start in range(0, len(self._paths), self._batch_size):
+                    chunk = self._paths[start : start + self._batch_size]
+                    loaded = list(pool.map(self._load, chunk))
+                    batch = np.stack([pixels for pixels, _, _ in loaded])
+                    heights = np.array([h for _, h, _ in loaded], np.int32)
+                    widths = np.array([w for _, _, w in loaded], np.int32)
+                    if not self._put((start, batch, heights, widths)):
+                        return
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            self._put(error)
+            return
+        self._put(None)
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+def _library_versions() -> dict:
+    import onnxruntime
+    import timm
+
+    return {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "h5py": h5py.__version__,
+    }
+
+
+def build_cache(
+    index: pd.DataFrame,
+    cache_path: str | os.PathLike,
+    config: BackboneConfig | Mapping,
+    threads: int = 1,
+    progress: bool = True,
+    onnx_dir: str | os.PathLike | None = None,
+) -> None:
+    """Embed every image of ``index`` (one category, see ``sroc.data.index_category``) into the
+    HDF5 cache ``cache_path``.
+
+    ``threads`` is the number of inference threads (ONNX Runtime: batches embedded at once;
+    torch: intra-op threads) and of image-decoding threads, which decode and resize the next
+    batches while the current ones are embedded. ``onnx_dir`` keeps exported
+    ONNX models (default :func:`sroc.backbones.default_onnx_dir`). The file appears at
+    ``cache_path`` only once complete; an unreadable image fails the job with the file named.
+    """
+    if isinstance(config, Mapping):
+        config = BackboneConfig.from_dict(config)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    index = _validated_index(index)
+    category = str(index["category"].iloc[0])
+    n_images = len(index)
+    started = time.perf_counter()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        extractor = FeatureExtractor(config)
+        with (
+            atomic_path(cache_path, suffix=".h5.tmp") as temporary,
+            h5py.File(temporary, "w") as h5,
+            _BatchReader(index["path"], extractor, config.batch_size, threads) as batches,
+            tqdm(
+                total=n_images,
+                unit="img",
+                desc=f"embed {category}",
+                file=sys.stderr,
+                disable=not progress,
+                mininterval=1.0 if sys.stderr.isatty() else 15.0,
+            ) as bar,
+        ):
+            _write_metadata(h5, index)
+            writer = _FeatureWriter(h5, extractor, n_images, category)
+            batch_iterator = iter(batches)
+            start, batch, heights, widths = next(batch_iterator)
+            runner, runtime, outputs = select_runner(extractor, batch, onnx_dir)
+            # ONNX Runtime runs `threads` batches at once, one thread each; torch uses its own
+            # intra-op threads on one batch at a time.
+            workers = threads if runtime == "onnxruntime" else 1
+            first = Future()
+            first.set_result(outputs)
+            pending = deque([(start, heights, widths, first)])
+            with ThreadPoolExecutor(workers, thread_name_prefix="sroc-infer") as pool:
+                for start, batch, heights, widths in batch_iterator:
+                    pending.append((start, heights, widths, pool.submit(runner, batch)))
+                    while len(pending) > workers:
+                        bar.update(writer.write(*pending.popleft()))
+                while pending:
+                    bar.update(writer.write(*pending.popleft()))
+            writer.finish()
+            h5.attrs["backbone_config"] = json.dumps(config.to_dict(), sort_keys=True)
+            h5.attrs["feature_fields"] = json.dumps(config.feature_fields(), sort_keys=True)
+            h5.attrs["config_hash"] = config.config_hash()
+            h5.attrs["category"] = category
+            h5.attrs["stages"] = json.dumps(list(extractor.stages))
+            h5.attrs["runtime"] = runtime
+            h5.attrs["versions"] = json.dumps(_library_versions(), sort_keys=True)
+            h5.attrs["complete"] = 1  # last: marks the file as finished
+    finally:
+        torch.set_num_threads(previous_threads)
+    elapsed = time.perf_counter() - started
+    logger.info(
+        "embedded %d images of %s with %s (%s) in %.1f s, %.1f images/s -> %s",
+        n_images,
+        category,
+        config.tag(),
+        runtime,
+        elapsed,
+        n_images / elapsed,
+        cache_path,
+    )
+
+
+class _FeatureWriter:
+    """Writes batches of stage outputs (in index order) and the original image sizes."""
+
+    def __init__(self, h5: h5py.File, extractor: FeatureExtractor, n_images: int, category: str):
+        self._extractor = extractor
+        self._dtype = np.dtype(extractor.config.feature_dtype)
+        self._category = category
+        self._h5 = h5
+        group = h5.create_group("features", track_order=True)
+        self._datasets = {
+            stage: group.create_dataset(
+                stage, shape=(n_images, *shape), dtype=self._dtype, chunks=(1, *shape)
+            )
+            for stage, shape in extractor.stage_shapes.items()
+        }
+        self._heights = np.zeros(n_images, np.int32)
+        self._widths = np.zeros(n_images, np.int32)
+
+    def write(self, start: int, heights: np.ndarray, widths: np.ndarray, outputs: Future) -> int:
+        """Store one batch; returns its number of images."""
+        outputs = outputs.result()
+        count = len(heights)
+        self._extractor.check_outputs(outputs, count)
+        stop = start + count
+        for stage, dataset in self._datasets.items():
+            values = outputs[stage].astype(self._dtype, copy=False)
+            if not np.isfinite(values).all():
+                raise FloatingPointError(
+                    f"stage {stage!r} has values that are not finite in {self._dtype} (images "
+                    f"{start}..{stop - 1} of {self._category}): use feature_dtype float32"
+                )
+            dataset[start:stop] = values
+        self._heights[start:stop] = heights
+        self._widths[start:stop] = widths
+        return count
+
+    def finish(self) -> None:
+        self._h5["images/height"] = self._heights
+        self._h5["images/width"] = self._widths
+
+
+def _write_metadata(h5: h5py.File, index: pd.DataFrame) -> None:
+    images = h5.create_group("images")
+    text = h5py.string_dtype("utf-8")
+    for column in _STRING_COLUMNS:
+        images.create_dataset(column, data=index[column].astype(str).to_numpy(object), dtype=text)
+    images["label"] = index["label"].to_numpy().astype(np.int8)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _open_complete(cache_path: str | os.PathLike) -> h5py.File:
+    path = Path(cache_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embedding cache {path} does not exist: build it first")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as error:
+        raise IncompleteCacheError(
+            f"{path} is not a readable HDF5 file ({error}); an interrupted write leaves such "
+            "files: delete it and rebuild the cache"
+        ) from error
+    if h5.attrs.get("complete") != 1:
+        h5.close()
+        raise IncompleteCacheError(
+            f"{path} is an unfinished embedding cache (no 'complete' mark): its build was "
+            "interrupted. Delete it and rebuild the cache"
+        )
+    return h5
+
+
+def _read_metadata(h5: h5py.File) -> pd.DataFrame:
+    images = h5["images"]
+    columns = {column: images[column].asstr()[:] for column in _STRING_COLUMNS}
+    columns["label"] = images["label"][:].astype(np.int64)
+    columns["height"] = images["height"][:].astype(np.int64)
+    columns["width"] = images["width"][:].astype(np.int64)
+    frame = pd.DataFrame(columns)
+    frame["category"] = str(h5.attrs["category"])
+    return frame[list(METADATA_COLUMNS)]
+
+
+def read_cache_index(cache_path: str | os.PathLike) -> pd.DataFrame:
+    """The metadata of every image in a complete cache (no features), in stored order.
+
+    Columns: image_id, category, origin, defect_type, label, mask_path, path, height, width.
+    """
+    with _open_complete(cache_path) as h5:
+        return _read_metadata(h5)
+
+
+def cache_shapes(cache_path: str | os.PathLike) -> tuple[int, dict[str, tuple[int, int, int]]]:
+    """``(n_images, {stage: (C, H, W)})`` of a complete cache, finest stage first."""
+    with _open_complete(cache_path) as h5:
+        stages = json.loads(h5.attrs["stages"])
+        shapes = {stage: tuple(int(d) for d in h5["features"][stage].shape) for stage in stages}
+    n_images = next(iter(shapes.values()))[0]
+    return n_images, {stage: shape[1:] for stage, shape in shapes.items()}
+
+
+def _read_rows(dataset: h5py.Dataset, positions: np.ndarray) -> np.ndarray:
+    """Rows ``positions`` of ``dataset`` as float32, read as contiguous runs (h5py's fancy
+    indexing is slow and needs sorted indices)."""
+    out = np.empty((len(positions), *dataset.shape[1:]), np.float32)
+    order = np.argsort(positions, kind="stable")
+    sorted_positions = positions[order]
+    breaks = np.flatnonzero(np.diff(sorted_positions) != 1) + 1
+    for run in np.split(np.arange(len(positions)), breaks):
+        first, last = sorted_positions[run[0]], sorted_positions[run[-1]]
+        out[order[run]] = dataset[first : last + 1]
+    return out
+
+
+def load_features(
+    cache_path: str | os.PathLike,
+    image_ids: Sequence[str] | None = None,
+    stages: Sequence[str] | None = None,
+) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """Features (float32, ``{stage: (n, C, H, W)}``, finest stage first) and metadata rows of
+    ``image_ids`` in that order (default: all images, in stored order). ``stages`` selects a
+    subset of the stored stages. Refuses an unfinished cache with :class:`IncompleteCacheError`.
+    """
+    with _open_complete(cache_path) as h5:
+        metadata = _read_metadata(h5)
+        stored = json.loads(h5.attrs["stages"])
+        if stages is None:
+            selected = stored
+        else:
+            unknown = [stage for stage in stages if stage not in stored]
+            if unknown:
+                raise KeyError(f"stage(s) {unknown} not in {cache_path}; it holds {stored}")
+            selected = [stage for stage in stored if stage in set(stages)]
+        if image_ids is None:
+            features = {s: h5["features"][s][...].astype(np.float32) for s in selected}
+            return features, metadata
+        image_ids = [str(image_id) for image_id in image_ids]
+        if len(set(image_ids)) != len(image_ids):
+            raise ValueError("image_ids repeat an id: ask for each image once")
+        row_of = pd.Series(np.arange(len(metadata)), index=metadata["image_id"])
+        unknown = [image_id for image_id in image_ids if image_id not in row_of.index]
+        if unknown:
+            raise KeyError(
+                f"{len(unknown)} image id(s) not in {cache_path}, e.g. {unknown[:5]}: the cache "
+                "was built from another index"
+            )
+        positions = row_of.loc[image_ids].to_numpy()
+        features = {s: _read_rows(h5["features"][s], positions) for s in selected}
+    return features, metadata.iloc[positions].reset_index(drop=True)
