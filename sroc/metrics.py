@@ -60,24 +60,6 @@ def image_auroc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np
     return float(roc_auc_score(labels.astype(np.int8), scores))
 
 
-def resize_bilinear(score_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a 2-D anomaly map to ``size`` = (height, width) by bilinear interpolation.
-
-    Pixel centres are aligned (PyTorch ``interpolate(mode="bilinear", align_corners=False)``,
-    no anti-aliasing), so a map that covers the whole image keeps covering it at any size.
-    Float64 maps stay float64; any other dtype becomes float32.
-    """
-    score_map = np.asarray(score_map)
-    if score_map.ndim != 2:
-        raise ValueError(f"resize_bilinear needs a 2-D map; got shape {score_map.shape}")
-    out_h, out_w = _check_size(size)
-    values = score_map.astype(np.result_type(score_map.dtype, np.float32), copy=False)
-    row_lo, row_hi, row_weight = _bilinear_taps(values.shape[0], out_h, values.dtype)
-    col_lo, col_hi, col_weight = _bilinear_taps(values.shape[1], out_w, values.dtype)
-    rows = values[row_lo] * (1 - row_weight)[:, None] + values[row_hi] * row_weight[:, None]
-    return rows[:, col_lo] * (1 - col_weight) + rows[:, col_hi] * col_weight
-
-
 def resize_mask_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a 2-D boolean mask to ``size`` = (height, width) by nearest neighbour.
 
@@ -189,14 +171,6 @@ class PixelGroundTruth:
             return GROUND_TRUTH_RESOLUTION
         return f"{self.resolution[0]}x{self.resolution[1]}"
 
-    def resize(self, maps: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
-        """Bring detector-resolution maps to the evaluation resolution by bilinear interpolation."""
-        self._check_count(maps)
-        return [
-            resize_bilinear(score_map, shape)
-            for score_map, shape in zip(maps, self.shapes, strict=True)
-        ]
-
     def evaluate(
         self, maps: Sequence[np.ndarray] | np.ndarray, fpr_limit: float = DEFAULT_FPR_LIMIT
     ) -> dict[str, float | str]:
@@ -241,7 +215,7 @@ class PixelGroundTruth:
                 raise ValueError(
                     f"anomaly map {index} has shape {np.shape(score_map)} but its ground-truth "
                     f"mask has shape {shape} (pixel resolution: {self.resolution_label}); bring "
-                    f"maps to the mask size with PixelGroundTruth.resize(maps)"
+                    f"maps to the mask size with sroc.detectors.resize_maps"
                 )
         if isinstance(maps, np.ndarray):
             scores = maps.reshape(-1)
@@ -410,17 +384,6 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
     if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
         raise ValueError(f"a size is (height, width) in positive whole pixels; got {size}")
     return int(size[0]), int(size[1])
-
-
-def _bilinear_taps(
-    n_in: int, n_out: int, dtype: np.dtype
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices below/above each output pixel centre and the weight of the one above."""
-    source = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    source = np.maximum(source, 0.0)
-    lower = np.minimum(source.astype(np.int64), n_in - 1)
-    upper = np.minimum(lower + 1, n_in - 1)
-    return lower, upper, (source - lower).astype(dtype)
 
 
 def _nearest_taps(n_in: int, n_out: int) -> np.ndarray:

@@ -19,11 +19,11 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from sroc.detectors import resize_maps
 from sroc.metrics import (
     PixelGroundTruth,
     image_auroc,
     refinement_scores,
-    resize_bilinear,
     resize_mask_nearest,
 )
 
@@ -293,29 +293,6 @@ def test_regions_are_eight_connected():
 
 
 @pytest.mark.parametrize(
-    "in_shape, out_shape", [((48, 48), (128, 128)), ((12, 20), (37, 9)), ((1, 5), (4, 11))]
-)
-def test_resize_bilinear_matches_torch(in_shape, out_shape):
-    torch = pytest.importorskip("torch")
-    score_map = np.random.default_rng(0).random(in_shape, dtype=np.float32)
-    expected = torch.nn.functional.interpolate(
-        torch.from_numpy(score_map)[None, None],
-        size=out_shape,
-        mode="bilinear",
-        align_corners=False,
-    )[0, 0].numpy()
-    resized = resize_bilinear(score_map, out_shape)
-    assert resized.dtype == np.float32
-    # torch computes its source coordinates in float32, we in float64: last-bit differences.
-    np.testing.assert_allclose(resized, expected, rtol=0, atol=1e-5)
-
-
-def test_resize_bilinear_keeps_float64_and_constant_maps():
-    assert resize_bilinear(np.ones((3, 4)), (7, 2)).dtype == np.float64
-    np.testing.assert_array_equal(resize_bilinear(np.full((3, 4), 2.5), (9, 9)), 2.5)
-
-
-@pytest.mark.parametrize(
     "in_shape, out_shape", [((100, 60), (48, 48)), ((7, 9), (20, 31)), ((5, 5), (5, 5))]
 )
 def test_resize_mask_nearest_matches_torch_nearest_exact(in_shape, out_shape):
@@ -328,14 +305,6 @@ def test_resize_mask_nearest_matches_torch_nearest_exact(in_shape, out_shape):
     assert resized.dtype == bool
     np.testing.assert_array_equal(resized, expected > 0.5)
 
-
-def test_maps_are_brought_to_each_mask_size():
-    masks = [np.zeros((30, 40), bool), np.ones((17, 23), bool)]
-    ground_truth = PixelGroundTruth(masks)
-    maps = np.random.default_rng(0).random((2, 8, 8), dtype=np.float32)
-    resized = ground_truth.resize(maps)
-    assert [m.shape for m in resized] == [(30, 40), (17, 23)]
-    np.testing.assert_array_equal(resized[1], resize_bilinear(maps[1], (17, 23)))
 
 
 def test_fixed_resolution_resizes_masks_by_nearest_neighbour():
@@ -495,11 +464,11 @@ def test_real_masks_with_upsampled_maps_equal_full_sort_reference(category):
     masks += [np.zeros(Image.open(f).size[::-1], dtype=bool) for f in good_files]
     rng = np.random.default_rng(0)
     low_res = [
-        resize_bilinear(m.astype(np.float32), (12, 12)) + rng.random((12, 12), dtype=np.float32)
+        resize_maps(m[None].astype(np.float32), 12)[0] + rng.random((12, 12), dtype=np.float32)
         for m in masks
     ]
     ground_truth = PixelGroundTruth(masks)
-    maps = ground_truth.resize(low_res)
+    maps = [resize_maps(m[None], mask.shape)[0] for m, mask in zip(low_res, masks, strict=True)]
     expected = full_sort_reference(maps, masks, 0.3)
     result = ground_truth.evaluate(maps)
     assert (result["au_pro"], result["au_iou"]) == pytest.approx(expected, abs=1e-6)
