@@ -101,6 +101,7 @@ def test_mvtec_dag_of_15_categories_and_5_seeds_builds_quickly(tmp_path, mvtec_l
     jobs = planned_jobs(result.stdout)
     assert jobs["split"] == 15 * 5
     assert jobs["embed"] == 15
+    assert jobs["detect"] == 15 * 5 * 4 and jobs["evaluate"] == 15 * 5
     assert "download_mvtec" not in jobs and "extract_mvtec" not in jobs
     assert elapsed < 30, f"the dry run took {elapsed:.1f} s"
 
