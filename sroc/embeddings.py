@@ -33,11 +33,11 @@ import torch
 from tqdm import tqdm
 
 from sroc.backbones import BackboneConfig, FeatureExtractor, select_runner
+from sroc.data import INDEX_COLUMNS
 from sroc.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
-INDEX_COLUMNS = ("image_id", "category", "origin", "defect_type", "label", "path", "mask_path")
 _STRING_COLUMNS = ("image_id", "origin", "defect_type", "mask_path", "path")
 METADATA_COLUMNS = (
     "image_id",

@@ -26,20 +26,11 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
+from sroc.data import INDEX_COLUMNS
+
 PROTOCOL = "sroc-replace"
 ROLES = ("train", "pollution", "test", "excluded")
-MANIFEST_COLUMNS = (
-    "image_id",
-    "category",
-    "origin",
-    "defect_type",
-    "label",
-    "path",
-    "mask_path",
-    "role",
-    "removal_rank",
-    "injection_rank",
-)
+MANIFEST_COLUMNS = (*INDEX_COLUMNS, "role", "removal_rank", "injection_rank")
 
 
 class CategoryExcluded(ValueError):
