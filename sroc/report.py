@@ -55,8 +55,12 @@ MEAN_ROW = "mean"
 
 def concat_metrics(paths: Sequence[str | Path]) -> pd.DataFrame:
     """Every run's metrics in one long table (excluded categories contribute no rows)."""
-    tables = [pd.read_csv(p) for p in paths if Path(p).stat().st_size > 1]
-    tables = [t for t in tables if not t.empty]
+    tables = []
+    for path in paths:
+        try:
+            tables.append(pd.read_csv(path))
+        except pd.errors.EmptyDataError:  # an excluded category: its metrics file has no rows
+            continue
     if not tables:
         raise ValueError("no metrics to aggregate: every category was excluded")
     return pd.concat(tables, ignore_index=True)

@@ -29,7 +29,6 @@ import pandas as pd
 from sroc.data import INDEX_COLUMNS
 
 PROTOCOL = "sroc-replace"
-ROLES = ("train", "pollution", "test", "excluded")
 MANIFEST_COLUMNS = (*INDEX_COLUMNS, "role", "removal_rank", "injection_rank")
 
 
@@ -186,11 +185,11 @@ def read_manifest(path) -> pd.DataFrame:
         keep_default_na=False,
         na_values={"removal_rank": [""], "injection_rank": [""]},
     )
-    for column in ("removal_rank", "injection_rank"):
-        manifest[column] = manifest[column].astype("Int64")
     missing = set(MANIFEST_COLUMNS) - set(manifest.columns)
     if missing:
         raise ValueError(f"{path}: not a split manifest, columns {sorted(missing)} are missing")
+    for column in ("removal_rank", "injection_rank"):
+        manifest[column] = manifest[column].astype("Int64")
     return manifest
 
 
