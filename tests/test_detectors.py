@@ -334,7 +334,7 @@ def test_padim_channel_subset_is_seeded(train):
 
 def test_padim_chunked_computation_gives_the_same_result(train, test, monkeypatch):
     whole = PaDiMDetector().fit(train).score(test)
-    monkeypatch.setattr(detectors, "WORKSPACE_MB", 1e-6)  # one location per chunk
+    monkeypatch.setattr(detectors.base, "WORKSPACE_MB", 1e-6)  # one location per chunk
     chunked = PaDiMDetector().fit(train).score(test)
     assert_close(chunked[0], whole[0], rtol=1e-12)
     assert_close(chunked[1], whole[1], rtol=1e-6)
@@ -342,7 +342,7 @@ def test_padim_chunked_computation_gives_the_same_result(train, test, monkeypatc
 
 def test_padim_memory_budget_error_names_the_numbers_and_the_fix(train, test):
     # A budget that the 256 MB of scratch alone nearly fills.
-    detector = PaDiMDetector(max_memory_mb=detectors.WORKSPACE_MB + 0.1)
+    detector = PaDiMDetector(max_memory_mb=detectors.base.WORKSPACE_MB + 0.1)
     with pytest.raises(ValueError, match=r"64 per-location covariances of d=28.*n_features <="):
         detector.fit(train)
     with pytest.raises(NotFittedError):  # a failed fit leaves nothing half-usable

@@ -1,0 +1,204 @@
+"""The detectors' common base: input checking, stage alignment, thread limits, memory estimates.
+
+Every detector follows scikit-learn conventions: hyper-parameters in ``__init__``, fitted state
+in attributes ending with ``_``. ``fit(features)`` takes the cached feature maps of the training
+images, ``score(features)`` returns ``(image_scores (n,) float64, maps (n, h, w) float32)``.
+``features`` is a dict ``{stage_name: array (n_images, C, H, W)}`` ordered from the finest to the
+coarsest stage. Nothing here runs the backbone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
+
+from sroc.detectors.maps import resize_maps
+
+# Resident memory of a Python process that imported numpy, torch, faiss, scikit-learn and h5py
+# (measured: about 640 MB); added to every estimate so the workflow can declare mem_mb directly.
+INTERPRETER_OVERHEAD_MB = 700.0
+# Scratch memory that chunked computations aim to stay under.
+WORKSPACE_MB = 256.0
+# Images processed at once where whole images are aligned or turned into patch features.
+_IMAGE_CHUNK = 16
+# Query patches searched at once by PatchCore.
+_QUERY_CHUNK = 8192
+_MB = 1024.0**2
+_UPSAMPLE_MODES = ("nearest", "bilinear")
+
+
+def _nearest_grid_indices(out_size: int, in_size: int) -> np.ndarray:
+    """Source rows of nearest-neighbour upsampling: each coarse cell is replicated into a block,
+    as PaDiM's embedding_concat does for the integer strides of a CNN pyramid."""
+    return (np.arange(out_size) * in_size) // out_size
+
+
+def _upsample(maps: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Upsample (n, C, h, w) maps to ``size`` by nearest replication or bilinear interpolation."""
+    if tuple(maps.shape[-2:]) == size:
+        return maps
+    if mode == "nearest":
+        rows = torch.from_numpy(_nearest_grid_indices(size[0], maps.shape[-2]))
+        cols = torch.from_numpy(_nearest_grid_indices(size[1], maps.shape[-1]))
+        return maps[:, :, rows[:, None], cols[None, :]]
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def align_stages(
+    features: Mapping[str, np.ndarray], stages: Sequence[str], mode: str = "nearest"
+) -> np.ndarray:
+    """Upsample the given stages to the finest grid among them and concatenate their channels.
+
+    Returns float32 (n, sum of C, H, W), channels in the order of ``stages``. ``mode`` is
+    "nearest" (PaDiM) or "bilinear" with half-pixel centres (PatchCore).
+    """
+    if mode not in _UPSAMPLE_MODES:
+        raise ValueError(f"upsample mode must be one of {_UPSAMPLE_MODES}, got {mode!r}")
+    grid = max((features[s].shape[-2:] for s in stages), key=lambda hw: hw[0] * hw[1])
+    grid = (int(grid[0]), int(grid[1]))
+    parts = [
+        _upsample(torch.from_numpy(np.asarray(features[s], dtype=np.float32)), grid, mode)
+        for s in stages
+    ]
+    return torch.cat(parts, dim=1).numpy()
+
+
+@contextlib.contextmanager
+def _thread_limit(n_jobs: int | None) -> Iterator[None]:
+    """Limit BLAS, torch and faiss threads to ``n_jobs`` (None leaves the libraries' defaults)."""
+    if n_jobs is None:
+        yield
+        return
+    if n_jobs < 1:
+        raise ValueError(f"n_jobs must be a positive int or None, got {n_jobs}")
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(n_jobs)
+    faiss.omp_set_num_threads(n_jobs)
+    try:
+        with threadpool_limits(limits=n_jobs):
+            yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        faiss.omp_set_num_threads(faiss_threads)
+
+
+
+class BaseDetector(BaseEstimator):
+    """Common input checking, stage selection and map post-processing.
+
+    Subclasses implement ``_fit(features)`` and ``_score(features) -> (scores, maps)`` with maps
+    on the finest used grid, and ``_estimate_state_mb``.
+    """
+
+    stages: Sequence[str] | None
+    map_size: int | Sequence[int] | None
+    map_sigma: float
+    n_jobs: int | None
+
+    def fit(self, features: Mapping[str, np.ndarray]) -> BaseDetector:
+        self._is_fitted = False  # a failed fit leaves the detector unfitted
+        features = self._validate(features, fitting=True)
+        if self.n_train_ < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 training images, got 1")
+        with _thread_limit(self.n_jobs):
+            self._fit(features)
+        self._is_fitted = True
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return getattr(self, "_is_fitted", False)
+
+    def score(self, features: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Return image scores (n,) float64 and anomaly maps (n, h, w) float32; the maps are on
+        the finest used feature grid, or resized to ``map_size`` and smoothed by ``map_sigma``."""
+        check_is_fitted(self, msg=f"{type(self).__name__} is not fitted: call fit(features) first")
+        features = self._validate(features, fitting=False)
+        with _thread_limit(self.n_jobs):
+            scores, maps = self._score(features)
+        if self.map_size is not None:
+            maps = resize_maps(maps, self.map_size, self.map_sigma)
+        return np.asarray(scores, dtype=np.float64), np.asarray(maps, dtype=np.float32)
+
+    def _validate(self, features: Mapping[str, np.ndarray], fitting: bool) -> dict[str, np.ndarray]:
+        if not isinstance(features, Mapping) or not features:
+            raise ValueError("features must be a non-empty dict {stage_name: (n, C, H, W) array}")
+        if fitting:
+            stages = list(features) if self.stages is None else list(self.stages)
+            if not stages:
+                raise ValueError("stages must name at least one stage (or be None for all)")
+        else:
+            stages = self.stages_
+        missing = [s for s in stages if s not in features]
+        if missing:
+            raise ValueError(
+                f"features lack stage(s) {missing}; available: {list(features)}. Pass features "
+                "from the same backbone configuration, or choose stages among the available ones"
+            )
+        arrays = {s: np.asarray(features[s], dtype=np.float32) for s in stages}
+        counts = {s: a.shape[0] if a.ndim == 4 else None for s, a in arrays.items()}
+        for s, a in arrays.items():
+            if a.ndim != 4 or a.shape[0] == 0:
+                raise ValueError(f"features[{s!r}] must have shape (n>0, C, H, W), got {a.shape}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"features[{s!r}] contains NaN or infinite values")
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"stages hold different numbers of images: {counts}")
+        shapes = {s: a.shape[1:] for s, a in arrays.items()}
+        if fitting:
+            self.stages_ = stages
+            self.feature_shapes_ = shapes
+            self.n_train_ = next(iter(counts.values()))
+            grid = max(shapes.values(), key=lambda chw: chw[1] * chw[2])
+            self.grid_hw_ = (grid[1], grid[2])
+        elif shapes != self.feature_shapes_:
+            raise ValueError(
+                f"feature shapes {shapes} differ from those seen in fit {self.feature_shapes_}: "
+                "score features of the same backbone configuration as the training features"
+            )
+        return arrays
+
+    def estimate_memory_mb(
+        self, n_train: int, n_test: int, feature_shapes: Mapping[str, Sequence[int]]
+    ) -> float:
+        """Peak resident memory (MB) of fit on ``n_train`` plus score of ``n_test`` images:
+        interpreter, both feature sets as float32, the fitted state and the scratch space."""
+        stages = list(feature_shapes) if self.stages is None else list(self.stages)
+        shapes = {s: tuple(int(v) for v in feature_shapes[s]) for s in stages}
+        input_mb = (n_train + n_test) * sum(math.prod(chw) for chw in shapes.values()) * 4 / _MB
+        # Input checking makes a boolean copy of one stage at a time.
+        check_mb = max(n_train, n_test) * max(math.prod(chw) for chw in shapes.values()) / _MB
+        detector_mb = check_mb + self._estimate_state_mb(n_train, n_test, shapes)
+        return INTERPRETER_OVERHEAD_MB + input_mb + detector_mb
+
+    @staticmethod
+    def _grid_and_dim(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int]:
+        """Number of locations on the finest grid and the concatenated channel count."""
+        grid = max(shapes.values(), key=lambda chw: chw[1] * chw[2])
+        return grid[1] * grid[2], sum(chw[0] for chw in shapes.values())
+
+    def _check_self_scoring(self, embeddings: np.ndarray) -> None:
+        """With exclude_self, score() must receive the training features themselves."""
+        if embeddings.shape != self.train_embeddings_.shape or not np.array_equal(
+            embeddings, self.train_embeddings_
+        ):
+            raise ValueError(
+                f"exclude_self=True scores the training images against the others: pass the "
+                f"same features given to fit ({self.n_train_} images), got {embeddings.shape[0]} "
+                "other images. Use exclude_self=False to score new images"
+            )
+
+
+def _gap_embedding(features: Mapping[str, np.ndarray], stages: Sequence[str]) -> np.ndarray:
+    """Concatenated global-average-pooled stages, float64 (n, sum of C)."""
+    return np.concatenate([features[s].mean(axis=(2, 3), dtype=np.float64) for s in stages], 1)
+
+

@@ -1,0 +1,142 @@
+"""KNN on pooled features with SPADE localisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from sroc.detectors.base import _IMAGE_CHUNK, _MB, BaseDetector, _gap_embedding, align_stages
+from sroc.detectors.neighbours import _apply_metric, _check_metric, _nearest_sq_distances
+
+
+class KNNDetector(BaseDetector):
+    """KNN on global-average-pooled features with SPADE localisation (SROC paper, 3.1.1).
+
+    Image score: mean distance of the image embedding (GAP of each stage, concatenated) to its
+    ``n_neighbors`` nearest training embeddings. Map: for each location of the finest grid, the
+    stages are aligned (``upsample``) and concatenated; the location's feature is compared with a
+    gallery made of the patch features of the ``n_neighbors`` retrieved training images.
+
+    Parameters
+    ----------
+    n_neighbors : k of the image-level KNN (the paper uses 5).
+    metric : "euclidean" (default; the paper's text, "average euclidean distance", and SPADE) or
+        "sqeuclidean" (the squared norm written in the paper's eq. 1). Applies to maps as well.
+    gallery : "all_locations" (SPADE: the gallery holds every location of the retrieved images
+        and a test patch is scored by its ``n_patch_neighbors`` nearest gallery features) or
+        "same_location" (a literal reading of the paper: mean distance to the retrieved images'
+        features at the same location).
+    n_patch_neighbors : kappa of SPADE, patch neighbours averaged in "all_locations" mode.
+    upsample : "nearest" or "bilinear" alignment of the coarser stages on the finest grid.
+    stages : stages to use, None for all stages given to fit.
+    exclude_self : score() then expects the training features and excludes each image from its
+        own neighbours (leave-one-out). The default (False) follows the paper: a training image
+        finds itself at distance 0 among its k neighbours.
+    map_size, map_sigma : resize the maps to ``map_size`` (int or (h, w)) and smooth them with a
+        Gaussian of ``map_sigma`` output pixels; None returns maps on the finest feature grid.
+    n_jobs : threads for BLAS/torch/faiss, None leaves the libraries' defaults.
+    random_state : accepted so that every detector takes the same arguments; KNN involves no
+        randomness.
+    """
+
+    def __init__(
+        self,
+        n_neighbors: int = 5,
+        metric: str = "euclidean",
+        gallery: str = "all_locations",
+        n_patch_neighbors: int = 1,
+        upsample: str = "nearest",
+        stages: Sequence[str] | None = None,
+        exclude_self: bool = False,
+        map_size: int | Sequence[int] | None = None,
+        map_sigma: float = 4.0,
+        n_jobs: int | None = None,
+        random_state: int | None = None,
+    ):
+        self.n_neighbors = n_neighbors
+        self.metric = metric
+        self.gallery = gallery
+        self.n_patch_neighbors = n_patch_neighbors
+        self.upsample = upsample
+        self.stages = stages
+        self.exclude_self = exclude_self
+        self.map_size = map_size
+        self.map_sigma = map_sigma
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    def _fit(self, features: dict[str, np.ndarray]) -> None:
+        _check_metric(self.metric)
+        if self.gallery not in ("all_locations", "same_location"):
+            raise ValueError(
+                f"gallery must be 'all_locations' or 'same_location', got {self.gallery!r}"
+            )
+        available = self.n_train_ - 1 if self.exclude_self else self.n_train_
+        if not 1 <= self.n_neighbors <= available:
+            raise ValueError(
+                f"n_neighbors={self.n_neighbors} must be in [1, {available}] for {self.n_train_} "
+                f"training images{' with exclude_self' if self.exclude_self else ''}"
+            )
+        gallery_size = self.n_neighbors * self.grid_hw_[0] * self.grid_hw_[1]
+        if self.gallery == "all_locations" and not 1 <= self.n_patch_neighbors <= gallery_size:
+            raise ValueError(
+                f"n_patch_neighbors={self.n_patch_neighbors} must be in [1, {gallery_size}] "
+                "(the patches of the retrieved images)"
+            )
+        self.train_embeddings_ = _gap_embedding(features, self.stages_)
+        # (n_train, locations, D) so that a gallery is a contiguous gather of whole images;
+        # filled by chunks of images so that no second full-size copy is ever made.
+        dim = sum(features[s].shape[1] for s in self.stages_)
+        locations = self.grid_hw_[0] * self.grid_hw_[1]
+        self.train_patches_ = np.empty((self.n_train_, locations, dim), dtype=np.float32)
+        for start in range(0, self.n_train_, _IMAGE_CHUNK):
+            chunk = {s: a[start : start + _IMAGE_CHUNK] for s, a in features.items()}
+            aligned = align_stages(chunk, self.stages_, self.upsample)
+            self.train_patches_[start : start + _IMAGE_CHUNK] = aligned.reshape(
+                aligned.shape[0], dim, locations
+            ).transpose(0, 2, 1)
+
+    def _score(self, features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        embeddings = _gap_embedding(features, self.stages_)
+        excluded = None
+        if self.exclude_self:
+            self._check_self_scoring(embeddings)
+            excluded = np.eye(self.n_train_, dtype=bool)
+        sq, neighbours = _nearest_sq_distances(
+            embeddings, self.train_embeddings_, self.n_neighbors, excluded
+        )
+        image_scores = _apply_metric(sq, self.metric).mean(axis=1)
+        height, width = self.grid_hw_
+        maps = np.empty((embeddings.shape[0], height, width), dtype=np.float32)
+        for start in range(0, embeddings.shape[0], _IMAGE_CHUNK):
+            chunk = {s: a[start : start + _IMAGE_CHUNK] for s, a in features.items()}
+            aligned = align_stages(chunk, self.stages_, self.upsample)
+            patches = aligned.reshape(aligned.shape[0], aligned.shape[1], -1).transpose(0, 2, 1)
+            for offset, test_patches in enumerate(patches):
+                retrieved = self.train_patches_[neighbours[start + offset]]
+                maps[start + offset] = self._patch_scores(test_patches, retrieved).reshape(
+                    height, width
+                )
+        return image_scores, maps
+
+    def _patch_scores(self, test_patches: np.ndarray, retrieved: np.ndarray) -> np.ndarray:
+        """Score each of the L test patches (L, D) against the retrieved images (k, L, D)."""
+        if self.gallery == "same_location":
+            diff = retrieved - test_patches[None]
+            return _apply_metric(np.einsum("kld,kld->kl", diff, diff), self.metric).mean(axis=0)
+        gallery = retrieved.reshape(-1, retrieved.shape[-1])
+        sq, _ = _nearest_sq_distances(test_patches, gallery, self.n_patch_neighbors)
+        return _apply_metric(sq, self.metric).mean(axis=1)
+
+    def _estimate_state_mb(self, n_train, n_test, shapes):
+        locations, dim = self._grid_and_dim(shapes)
+        patches_mb = n_train * locations * dim * 4 / _MB
+        # A chunk of aligned images (upsampled stages, concatenation, transposed copy), one
+        # gallery (gathered, reshaped) and its distance matrix with the top-k workspace.
+        chunk_mb = _IMAGE_CHUNK * locations * dim * 4 * 3 / _MB
+        gallery_mb = self.n_neighbors * locations * dim * 4 * 2 / _MB
+        distances_mb = locations * self.n_neighbors * locations * 4 * 2 / _MB
+        return patches_mb + chunk_mb + gallery_mb + distances_mb
+
+

@@ -1,0 +1,71 @@
+"""Anomaly-map post-processing: resize to a target size and smooth, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+
+def _as_hw(size: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(size, int | np.integer):
+        size = (int(size), int(size))
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {size!r}")
+    return size
+
+
+def resize_maps(
+    maps: np.ndarray, out_hw: int | Sequence[int], sigma: float | Sequence[float] = 0.0
+) -> np.ndarray:
+    """Bilinearly resize anomaly maps, then smooth them with a Gaussian.
+
+    Parameters
+    ----------
+    maps : array (n, h, w)
+    out_hw : int or (height, width) of the output maps.
+    sigma : Gaussian standard deviation in *output* pixels, one value or (sigma_y, sigma_x);
+        0 disables smoothing. Use :func:`scale_sigma` to convert a sigma stated at the backbone
+        input size (PaDiM and PatchCore use 4 px) to the output size.
+
+    Bilinear interpolation uses half-pixel centres (``align_corners=False``, as torch, PaDiM and
+    PatchCore); the Gaussian is scipy's ``gaussian_filter`` (mirror borders, truncated at 4
+    sigma), the filter PaDiM and PatchCore apply.
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must have shape (n, h, w), got {maps.shape}")
+    out_hw = _as_hw(out_hw, "out_hw")
+    sigma_yx = (float(sigma), float(sigma)) if np.isscalar(sigma) else tuple(map(float, sigma))
+    if len(sigma_yx) != 2 or min(sigma_yx) < 0:
+        raise ValueError(f"sigma must be >= 0, one value or a (y, x) pair, got {sigma!r}")
+    if maps.shape[1:] == out_hw:
+        resized = maps.copy()
+    else:
+        resized = F.interpolate(
+            torch.from_numpy(maps)[:, None], size=out_hw, mode="bilinear", align_corners=False
+        )[:, 0].numpy()
+    if max(sigma_yx) > 0:
+        resized = gaussian_filter(resized, sigma=(0.0, *sigma_yx), mode="reflect", truncate=4.0)
+    return resized
+
+
+def scale_sigma(
+    sigma_input_px: float, input_size: int | Sequence[int], out_hw: int | Sequence[int]
+) -> tuple[float, float]:
+    """Convert a smoothing sigma stated at the backbone input size to output pixels.
+
+    The backbone sees every image resized to ``input_size`` without keeping the aspect ratio, so
+    a Gaussian of ``sigma_input_px`` there covers ``sigma_input_px * out_h / in_h`` rows and
+    ``sigma_input_px * out_w / in_w`` columns of a map of size ``out_hw``: e.g. 4 px at 380 px is
+    (5.05, 5.05) px on a 480x480 ground truth and 0.505 cells on the 48x48 feature grid.
+    """
+    in_h, in_w = _as_hw(input_size, "input_size")
+    out_h, out_w = _as_hw(out_hw, "out_hw")
+    return sigma_input_px * out_h / in_h, sigma_input_px * out_w / in_w
+
+
