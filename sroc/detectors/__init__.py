@@ -71,3 +71,14 @@ def estimate_memory_mb(
     ``n_test``, with ``feature_shapes`` {stage: (C, H, W)}; includes the interpreter and the
     float32 features, so the workflow can declare it as mem_mb."""
     return make_detector(name, **dict(params)).estimate_memory_mb(n_train, n_test, feature_shapes)
+
+
+def validate_params(detector_type: str, params: Mapping[str, object], where: str) -> None:
+    """Refuse, at config time, detector params that would fail inside a job."""
+    reserved = sorted({"random_state", "n_jobs"} & set(params))
+    if reserved:
+        raise ValueError(f"{where}: params may not set {reserved}; the workflow sets them")
+    try:
+        make_detector(detector_type, **dict(params))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from error
