@@ -10,10 +10,12 @@ from sroc.logs import rule_logging
 with rule_logging(snakemake.log[0]) as log:
     index = read_index(snakemake.input.index)
     seed = snakemake.params.seed
+    set_seed = snakemake.params.set_seed
     info = {
-        "protocol": splits.PROTOCOL,
+        "protocol": splits.protocol_name(set_seed),
         "seed": seed,
         "set_fraction": snakemake.params.set_fraction,
+        "set_seed": set_seed,
         "excluded": None,
     }
     try:
@@ -22,6 +24,7 @@ with rule_logging(snakemake.log[0]) as log:
             seed=seed,
             set_fraction=snakemake.params.set_fraction,
             min_test_defective=snakemake.params.min_test_defective,
+            set_seed=set_seed,
         )
     except splits.CategoryExcluded as reason:
         log.warning("category excluded: %s", reason)

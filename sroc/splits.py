@@ -5,7 +5,8 @@ For one category and one seed:
 1. A *pollution set* of ``round(set_fraction * N)`` defective test images is drawn, where N is the
    number of original training images (all good). Its defect-type proportions follow those of the
    defective test images (largest-remainder allocation). The pollution set leaves the test set for
-   every ratio of that seed.
+   every ratio of that seed. With ``set_seed="fixed"`` (the default, as in the paper) the set is
+   drawn once per category, whatever the seed; ``"per_seed"`` redraws it for every seed.
 2. For a pollution ratio p, ``l = round(p * N)`` training goods are replaced by ``l`` pollution
    images, so the training set keeps N images.
 3. Ratios are nested: the seed fixes one removal order of the goods and one injection order of the
@@ -29,6 +30,10 @@ import pandas as pd
 from sroc.data import INDEX_COLUMNS
 
 PROTOCOL = "sroc-replace"
+# "fixed": the pollution set (hence the test set) is drawn once per category and the seed only
+# picks which goods leave and the injection order (section 4.1, Table 1's 0 % column without a
+# standard deviation). "per_seed": every seed redraws the pollution set too.
+SET_SEEDS = ("fixed", "per_seed")
 MANIFEST_COLUMNS = (*INDEX_COLUMNS, "role", "removal_rank", "injection_rank")
 
 
@@ -74,18 +79,43 @@ def category_rng(category: str, seed: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(category.encode("utf-8"))])
 
 
+def pollution_set_rng(category: str) -> np.random.Generator:
+    """The generator of what ``set_seed="fixed"`` draws once per category, whatever the seed.
+
+    The spawn key keeps this stream apart from every seed's ``category_rng``.
+    """
+    entropy = zlib.crc32(category.encode("utf-8"))
+    return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(1,)))
+
+
+def protocol_name(set_seed: str = "fixed") -> str:
+    """The protocol string every output of a split copies, e.g. ``sroc-replace/set=fixed``."""
+    _check_set_seed(set_seed)
+    return f"{PROTOCOL}/set={set_seed}"
+
+
+def _check_set_seed(set_seed: str) -> None:
+    if set_seed not in SET_SEEDS:
+        raise ValueError(
+            f"pollution.set_seed must be one of {', '.join(SET_SEEDS)}; got {set_seed!r}"
+        )
+
+
 def make_split(
     index: pd.DataFrame,
     seed: int,
     set_fraction: float = 0.2,
     min_test_defective: int = 1,
+    set_seed: str = "fixed",
 ) -> pd.DataFrame:
     """Build the manifest of one category for one seed.
 
     ``index`` is a category index (``sroc.data.index_category``). Raises ``CategoryExcluded`` when
     the defective test images cannot supply the pollution set while keeping at least
-    ``min_test_defective`` of them for evaluation.
+    ``min_test_defective`` of them for evaluation. ``set_seed`` (``SET_SEEDS``) says whether the
+    pollution set is drawn once per category (``"fixed"``) or per seed (``"per_seed"``).
     """
+    _check_set_seed(set_seed)
     if not 0 <= set_fraction < 1:
         raise ValueError(f"set_fraction must lie in [0, 1), got {set_fraction}")
     categories = index["category"].unique()
@@ -109,7 +139,10 @@ def make_split(
             f"the test set, but the test set has only {n_defective}"
         )
 
+    # Under "per_seed" one generator makes every draw, in the order of the original protocol, so
+    # its manifests are unchanged; under "fixed" the pollution set comes from its own stream.
     rng = category_rng(category, seed)
+    set_rng = pollution_set_rng(category) if set_seed == "fixed" else rng
     removal_rank = np.empty(n_train, dtype=np.int64)
     removal_rank[rng.permutation(n_train)] = np.arange(1, n_train + 1)
 
@@ -120,7 +153,7 @@ def make_split(
         candidates = test_defective.loc[
             test_defective["defect_type"] == defect_type, "image_id"
         ].to_numpy()
-        chosen = rng.choice(len(candidates), size=allocation[defect_type], replace=False)
+        chosen = set_rng.choice(len(candidates), size=allocation[defect_type], replace=False)
         pollution_ids.extend(candidates[np.sort(chosen)])
     injection_order = rng.permutation(len(pollution_ids))
 

@@ -41,8 +41,13 @@ def index():
     return fake_index(97, {"crack": 31, "hole": 17, "scratch": 9, "tiny": 2})
 
 
-def test_train_size_is_constant_and_pollution_count_is_rounded(index):
-    manifest = splits.make_split(index, seed=3)
+@pytest.fixture(params=splits.SET_SEEDS)
+def set_seed(request):
+    return request.param
+
+
+def test_train_size_is_constant_and_pollution_count_is_rounded(index, set_seed):
+    manifest = splits.make_split(index, seed=3, set_seed=set_seed)
     for ratio in RATIOS:
         train = splits.training_set(manifest, ratio)
         assert len(train) == 97
@@ -52,8 +57,8 @@ def test_train_size_is_constant_and_pollution_count_is_rounded(index):
         assert (train.loc[~train["polluted"], "origin"] == "train").all()
 
 
-def test_pollution_set_is_stratified_by_defect_type(index):
-    manifest = splits.make_split(index, seed=0)
+def test_pollution_set_is_stratified_by_defect_type(index, set_seed):
+    manifest = splits.make_split(index, seed=0, set_seed=set_seed)
     pollution = manifest[manifest["role"] == "pollution"]
     set_size = int(np.floor(0.2 * 97 + 0.5))
     assert len(pollution) == set_size == 19
@@ -85,8 +90,8 @@ def test_allocation_matches_brute_force_definition():
             assert min(up) >= max(down) - 1e-12
 
 
-def test_ratios_are_nested(index):
-    manifest = splits.make_split(index, seed=1)
+def test_ratios_are_nested(index, set_seed):
+    manifest = splits.make_split(index, seed=1, set_seed=set_seed)
     sets = [set(splits.training_set(manifest, r)["image_id"]) for r in RATIOS]
     polluted = [set(splits.training_set(manifest, r).query("polluted")["image_id"]) for r in RATIOS]
     for low, high in itertools.pairwise(range(len(RATIOS))):
@@ -96,8 +101,8 @@ def test_ratios_are_nested(index):
         assert removed_low <= removed_high
 
 
-def test_pollution_is_disjoint_from_the_test_set(index):
-    manifest = splits.make_split(index, seed=2)
+def test_pollution_is_disjoint_from_the_test_set(index, set_seed):
+    manifest = splits.make_split(index, seed=2, set_seed=set_seed)
     test_ids = set(splits.test_set(manifest)["image_id"])
     pollution_ids = set(manifest.query("role == 'pollution'")["image_id"])
     assert not test_ids & pollution_ids
@@ -118,6 +123,42 @@ def test_splits_are_deterministic_and_independent_of_row_order(index):
     assert set(a.query("role == 'pollution'")["image_id"]) != set(
         c.query("role == 'pollution'")["image_id"]
     ) or not a["injection_rank"].equals(c["injection_rank"])
+
+
+def test_fixed_set_gives_the_same_test_set_for_every_seed(index):
+    manifests = [splits.make_split(index, seed=seed, set_seed="fixed") for seed in range(5)]
+    test_sets = {tuple(splits.test_set(m)["image_id"]) for m in manifests}
+    pollution_sets = {tuple(m.query("role == 'pollution'")["image_id"]) for m in manifests}
+    assert len(test_sets) == 1 and len(pollution_sets) == 1
+    # The seed still picks which goods leave and which pollution images enter first.
+    removed = {frozenset(m.query("removal_rank <= 10")["image_id"]) for m in manifests}
+    injected = {frozenset(m.query("injection_rank <= 10")["image_id"]) for m in manifests}
+    assert len(removed) == 5 and len(injected) == 5
+
+
+def test_per_seed_set_redraws_the_test_set(index):
+    manifests = [splits.make_split(index, seed=seed, set_seed="per_seed") for seed in range(5)]
+    test_sets = {tuple(splits.test_set(m)["image_id"]) for m in manifests}
+    assert len(test_sets) == 5
+    # Each seed's removal order is the same under both choices: only the set's draw differs.
+    for seed, manifest in enumerate(manifests):
+        fixed = splits.make_split(index, seed=seed, set_seed="fixed")
+        assert manifest["removal_rank"].equals(fixed["removal_rank"])
+
+
+def test_fixed_sets_differ_between_categories():
+    a = splits.make_split(fake_index(50, {"x": 30}, category="a"), seed=0)
+    b = splits.make_split(fake_index(50, {"x": 30}, category="b"), seed=0)
+    assert not a.query("role == 'pollution'")["image_id"].equals(
+        b.query("role == 'pollution'")["image_id"]
+    )
+
+
+def test_protocol_names_the_set_choice():
+    assert splits.protocol_name("fixed") == "sroc-replace/set=fixed"
+    assert splits.protocol_name("per_seed") == "sroc-replace/set=per_seed"
+    with pytest.raises(ValueError, match="set_seed must be one of fixed, per_seed; got 'once'"):
+        splits.make_split(fake_index(50, {"x": 30}), seed=0, set_seed="once")
 
 
 def test_categories_draw_independently():
