@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pandas as pd
@@ -203,3 +204,118 @@ def test_summary_reports_composition(index):
     assert last["pollution_by_type"] == "crack=10; hole=5; scratch=3; tiny=1"
     assert summary.iloc[0]["pollution_by_type"] == ""
     assert last["n_test_defective"] == 40
+
+
+def write_splits(index, seeds, folder, **options):
+    """The manifests and json sidecars of ``seeds``, as the split rule writes them."""
+    manifests, infos = [], []
+    for seed in seeds:
+        manifest, info = splits.split_category(index, seed, **options)
+        manifests.append(folder / f"seed{seed}.csv")
+        infos.append(folder / f"seed{seed}.json")
+        manifest.to_csv(manifests[-1], index=False)
+        infos[-1].write_text(json.dumps(info))
+    return manifests, infos
+
+
+# A new user's dataset (issue 14 item 8): one category, 250 goods, 50 defective test images.
+def small_defect_index():
+    return fake_index(250, {"crack": 30, "dent": 20}, category="widget")
+
+
+def test_dataset_with_every_category_excluded_gets_a_summary_that_says_why(tmp_path):
+    manifests, infos = write_splits(small_defect_index(), [0, 1], tmp_path)
+    summary = splits.summarize_splits(manifests, infos, RATIOS)
+    assert list(summary.columns) == list(splits.SUMMARY_COLUMNS)
+    assert summary["seed"].tolist() == [0, 1]
+    assert (
+        summary["excluded"]
+        .str.contains("needs 50 defective test images .* the test set has only 50")
+        .all()
+    )
+    assert summary["n_train"].isna().all()
+    note = splits.exclusion_note(summary)
+    assert note.startswith("every category was excluded") and "widget" in note
+    assert "pollution.max_set_share" in note  # the way out is named
+
+
+def test_summary_of_a_kept_category_has_no_exclusion_note(index, tmp_path):
+    manifests, infos = write_splits(index, [0], tmp_path)
+    summary = splits.summarize_splits(manifests, infos, RATIOS)
+    assert len(summary) == len(RATIOS) and (summary["excluded"] == "").all()
+    assert splits.exclusion_note(summary) is None
+
+
+@pytest.mark.parametrize(
+    ("n_train", "n_defective", "set_fraction", "share"),
+    [(250, 50, 0.2, 0.67), (209, 63, 0.2, 0.67), (391, 70, 0.2, 0.5), (12, 3, 0.2, 0.34)],
+)
+def test_n_train_within_share_is_the_largest_that_fits(n_train, n_defective, set_fraction, share):
+    def fits(n):
+        return splits.round_half_up(set_fraction * n) <= share * n_defective
+
+    expected = max(n for n in range(n_train + 1) if fits(n))
+    assert splits.n_train_within_share(n_train, n_defective, set_fraction, share) == expected
+
+
+def test_max_set_share_subsamples_the_training_goods(tmp_path):
+    index = small_defect_index()
+    options = {"max_set_share": 0.67}
+    manifests, infos = write_splits(index, [0, 1, 2], tmp_path, **options)
+    # 0.67 x 50 = 33.5: 33 pollution images, so round(0.2 N) <= 33 gives N = 167 of 250 goods.
+    read = [splits.read_manifest(path) for path in manifests]
+    for manifest in read:
+        roles = manifest["role"].value_counts().to_dict()
+        assert roles == {"train": 167, "unused": 83, "pollution": 33, "test": 10 + 17}
+        unused = manifest.query("role == 'unused'")
+        assert (unused["origin"] == "train").all()
+        assert unused["removal_rank"].isna().all() and unused["injection_rank"].isna().all()
+        assert sorted(manifest.query("role == 'train'")["removal_rank"]) == list(range(1, 168))
+        assert splits.max_ratio(manifest) == pytest.approx(33 / 167)
+        train = splits.training_set(manifest, 0.2)
+        assert len(train) == 167 and train["polluted"].sum() == 33
+        assert not set(train["image_id"]) & set(unused["image_id"])
+        assert not set(splits.test_set(manifest)["image_id"]) & set(unused["image_id"])
+    # Under set_seed "fixed" the subsample, like the pollution set, is the same for every seed.
+    assert len({tuple(m.query("role == 'unused'")["image_id"]) for m in read}) == 1
+    info = json.loads(infos[0].read_text())
+    assert info["protocol"] == "sroc-replace/set=fixed/max_set_share=0.67"
+    assert (info["excluded"], info["n_train"], info["n_unused"]) == (None, 167, 83)
+    summary = splits.summarize_splits(manifests, infos, [0.0, 0.2])
+    assert (summary["n_train"] == 167).all() and (summary["n_unused"] == 83).all()
+    assert summary["n_train_polluted"].tolist() == [0, 33] * 3
+    assert (summary["n_test_defective"] == 17).all()
+    assert splits.exclusion_note(summary) is None
+
+
+def test_max_set_share_per_seed_redraws_the_subsample():
+    index = small_defect_index()
+    manifests = [
+        splits.make_split(index, seed, set_seed="per_seed", max_set_share=0.67) for seed in (0, 1)
+    ]
+    unused = [set(m.query("role == 'unused'")["image_id"]) for m in manifests]
+    assert len(unused[0]) == len(unused[1]) == 83 and unused[0] != unused[1]
+
+
+def test_max_set_share_leaves_a_category_that_fits_untouched():
+    # MVTec bottle: 209 goods, 63 defective test images, a pollution set of 42 (share 0.667).
+    index = fake_index(209, {"broken_large": 20, "broken_small": 22, "contamination": 21})
+    for set_seed in splits.SET_SEEDS:
+        plain = splits.make_split(index, 0, set_seed=set_seed)
+        capped = splits.make_split(index, 0, set_seed=set_seed, max_set_share=0.67)
+        pd.testing.assert_frame_equal(plain, capped)
+
+
+def test_max_set_share_too_small_for_one_pollution_image_excludes():
+    with pytest.raises(splits.CategoryExcluded, match="leaves no room for a single pollution"):
+        splits.make_split(fake_index(50, {"x": 3}), 0, max_set_share=0.3)
+    with pytest.raises(ValueError, match=r"max_set_share must lie in \(0, 1\]"):
+        splits.make_split(fake_index(50, {"x": 30}), 0, max_set_share=1.5)
+
+
+def test_unknown_role_in_a_manifest_is_refused(index, tmp_path):
+    manifest = splits.make_split(index, seed=0)
+    manifest.loc[0, "role"] = "spare"
+    manifest.to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(ValueError, match=r"unknown roles \['spare'\]"):
+        splits.read_manifest(tmp_path / "m.csv")

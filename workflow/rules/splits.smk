@@ -13,5 +13,6 @@ rule split:
         set_fraction=config["pollution"]["set_fraction"],
         min_test_defective=config["pollution"].get("min_test_defective", 1),
         set_seed=config["pollution"].get("set_seed", "fixed"),
+        max_set_share=config["pollution"].get("max_set_share"),
     script:
         "../../scripts/split.py"
