@@ -131,6 +131,8 @@ def test_fixed_set_gives_the_same_test_set_for_every_seed(index):
     test_sets = {tuple(splits.test_set(m)["image_id"]) for m in manifests}
     pollution_sets = {tuple(m.query("role == 'pollution'")["image_id"]) for m in manifests}
     assert len(test_sets) == 1 and len(pollution_sets) == 1
+    # At 0 % every seed fits the same training set too: Table 1's 0 % column has no +-.
+    assert len({tuple(splits.training_set(m, 0.0)["image_id"]) for m in manifests}) == 1
     # The seed still picks which goods leave and which pollution images enter first.
     removed = {frozenset(m.query("removal_rank <= 10")["image_id"]) for m in manifests}
     injected = {frozenset(m.query("injection_rank <= 10")["image_id"]) for m in manifests}
