@@ -118,11 +118,11 @@ def n_train_within_share(
     the ``n_defective`` defective test images (0 when not even one pollution image fits)."""
     _check_max_set_share(max_set_share)
     allowed = math.floor(max_set_share * n_defective + 1e-9)
-    n_kept = n_train
-    while n_kept > 0 and round_half_up(set_fraction * n_kept) > allowed:
-        n_kept -= 1
     if allowed == 0 and set_fraction > 0:
         return 0
+    n_kept = n_train
+    while round_half_up(set_fraction * n_kept) > allowed:
+        n_kept -= 1
     return n_kept
 
 
