@@ -161,6 +161,7 @@ def evaluate_runs(
         ground_truth = PixelGroundTruth.from_mask_paths(
             test["mask_path"].tolist(),
             [image_size(path) for path in test["path"]],
+            test["label"].to_numpy(),
             resolution=None if resolution is None else (resolution, resolution),
         )
     labels = test["label"].to_numpy()
