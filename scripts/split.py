@@ -8,26 +8,23 @@ from sroc.io import atomic_path, write_text_atomic
 from sroc.logs import rule_logging
 
 with rule_logging(snakemake.log[0]) as log:
-    index = read_index(snakemake.input.index)
-    seed = snakemake.params.seed
-    info = {
-        "protocol": splits.PROTOCOL,
-        "seed": seed,
-        "set_fraction": snakemake.params.set_fraction,
-        "excluded": None,
-    }
-    try:
-        manifest = splits.make_split(
-            index,
-            seed=seed,
-            set_fraction=snakemake.params.set_fraction,
-            min_test_defective=snakemake.params.min_test_defective,
+    manifest, info = splits.split_category(
+        read_index(snakemake.input.index),
+        seed=snakemake.params.seed,
+        set_fraction=snakemake.params.set_fraction,
+        min_test_defective=snakemake.params.min_test_defective,
+        set_seed=snakemake.params.set_seed,
+        max_set_share=snakemake.params.max_set_share,
+    )
+    if info["excluded"]:
+        log.warning("category excluded: %s", info["excluded"])
+    elif info["n_unused"]:
+        log.info(
+            "max_set_share %g: %d of %d training goods kept",
+            info["max_set_share"],
+            info["n_train"],
+            info["n_train"] + info["n_unused"],
         )
-    except splits.CategoryExcluded as reason:
-        log.warning("category excluded: %s", reason)
-        info["excluded"] = str(reason)
-        manifest = splits.excluded_manifest(index)
-    info["n_pollution_set"] = int((manifest["role"] == "pollution").sum())
     with atomic_path(snakemake.output.manifest) as tmp:
         manifest.to_csv(tmp, index=False)
     write_text_atomic(snakemake.output.info, json.dumps(info, indent=2) + "\n")

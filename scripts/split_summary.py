@@ -1,12 +1,16 @@
 """Rule split_summary: split sizes and pollution composition per category, seed and ratio."""
 
-from sroc import report
+from sroc import splits
 from sroc.logs import rule_logging
+from sroc.report import write_table
 
-with rule_logging(snakemake.log[0]):
-    summary = report.split_summary(
+with rule_logging(snakemake.log[0]) as log:
+    summary = splits.summarize_splits(
         snakemake.input.manifests,
         snakemake.input.infos,
         snakemake.params.ratios,
     )
-    report.write_table(summary, snakemake.output.csv, snakemake.output.markdown)
+    note = splits.exclusion_note(summary)
+    if note:
+        log.warning(note)
+    write_table(summary, snakemake.output.csv, snakemake.output.markdown)

@@ -50,6 +50,7 @@ class TestEvaluation:
             self.ground_truth = PixelGroundTruth.from_mask_paths(
                 self.test["mask_path"].tolist(),
                 [image_size(path) for path in self.test["path"]],
+                labels=self.labels,
                 resolution=None if resolution is None else (resolution, resolution),
             )
 

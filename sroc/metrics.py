@@ -91,19 +91,34 @@ class PixelGroundTruth:
         None (default) evaluates at each mask's own resolution. A (height, width) pair instead
         resizes every mask to that size by nearest neighbour before labelling; maps must then be
         given (or brought with ``resize``) at that size.
+    excluded:
+        None (default), or one boolean per mask: True marks an image whose ground truth is
+        unknown, a defective image without a mask. Its mask only gives the map's shape (its
+        content is ignored); its map is still given to ``evaluate`` but left out of every pixel
+        metric, so that the image counts neither as defect nor as defect-free.
     """
 
     def __init__(
         self,
         masks: Sequence[np.ndarray] | np.ndarray,
         resolution: tuple[int, int] | None = None,
+        excluded: Sequence[bool] | np.ndarray | None = None,
     ) -> None:
         if len(masks) == 0:
             raise ValueError("PixelGroundTruth needs at least one mask")
+        if excluded is None:
+            excluded = np.zeros(len(masks), dtype=bool)
+        excluded = np.asarray(excluded)
+        if excluded.shape != (len(masks),) or excluded.dtype != bool:
+            raise ValueError(
+                f"excluded must hold one boolean per mask ({len(masks)}); got an array of shape "
+                f"{excluded.shape} and dtype {excluded.dtype}"
+            )
         self.resolution = None if resolution is None else _check_size(resolution)
+        self.excluded = excluded
         shapes = []
-        is_defect = []
-        defect_weight = []
+        is_defect = [np.zeros(0, dtype=bool)]
+        defect_weight = [np.zeros(0)]
         n_regions = 0
         for index, mask in enumerate(masks):
             mask = np.asarray(mask)
@@ -111,11 +126,13 @@ class PixelGroundTruth:
                 raise ValueError(f"mask {index} must be a non-empty 2-D array; got {mask.shape}")
             if self.resolution is not None:
                 mask = resize_mask_nearest(mask, self.resolution)
+            shapes.append(mask.shape)
+            if excluded[index]:
+                continue
             regions, n_in_mask = ndimage.label(mask != 0, structure=_REGION_STRUCTURE)
             regions = regions.ravel()
             region_sizes = np.bincount(regions)
             in_region = regions > 0
-            shapes.append(mask.shape)
             is_defect.append(in_region)
             # Each region has total weight 1, so the cumulative weight above a threshold divided
             # by the region count is the mean per-region overlap (PRO).
@@ -126,35 +143,53 @@ class PixelGroundTruth:
         self._defect_index = np.flatnonzero(~self._ok_mask)
         self._defect_weight = np.concatenate(defect_weight)
         self.n_regions = n_regions
+        if self.n_excluded:
+            logger.warning(
+                "%d of %d test images are defective but have no mask: they are left out of "
+                "AU-PRO and AU-IoU (image AUROC still uses them)",
+                self.n_excluded,
+                self.n_images,
+            )
 
     @classmethod
     def from_mask_paths(
         cls,
         mask_paths: Sequence[str],
         image_sizes: Sequence[tuple[int, int]],
+        labels: Sequence[int] | np.ndarray,
         resolution: tuple[int, int] | None = None,
     ) -> PixelGroundTruth:
-        """Read masks listed as in the dataset index ("" = defect-free image of the given size).
+        """Read masks listed as in the dataset index, one per test image.
 
         ``image_sizes`` are the original (height, width) of each image; a mask file of another
-        size is an error (from ``sroc.data.read_mask``).
+        size is an error (from ``sroc.data.read_mask``). A mask path "" means a defect-free image
+        when its label is 0, and an unknown ground truth when its label is 1 (a dataset indexed
+        with ``require_masks=False``): that image is excluded from the pixel metrics.
         """
         from sroc.data import read_mask
 
-        if len(mask_paths) != len(image_sizes):
+        labels = np.asarray(labels)
+        if not len(mask_paths) == len(image_sizes) == len(labels):
             raise ValueError(
-                f"got {len(mask_paths)} mask paths but {len(image_sizes)} image sizes; give one "
-                f"size per image"
+                f"got {len(mask_paths)} mask paths, {len(image_sizes)} image sizes and "
+                f"{len(labels)} labels; give one of each per test image"
             )
         masks = [
             read_mask(path, expected_hw=tuple(size)) if path else np.zeros(size, dtype=bool)
             for path, size in zip(mask_paths, image_sizes, strict=True)
         ]
-        return cls(masks, resolution=resolution)
+        excluded = (labels == 1) & np.array([path == "" for path in mask_paths], dtype=bool)
+        return cls(masks, resolution=resolution, excluded=excluded)
 
     @property
     def n_images(self) -> int:
+        """Test images, including those excluded from the pixel metrics."""
         return len(self.shapes)
+
+    @property
+    def n_excluded(self) -> int:
+        """Test images left out of the pixel metrics (defective, without a mask)."""
+        return int(np.count_nonzero(self.excluded))
 
     @property
     def n_defect_pixels(self) -> int:
@@ -176,6 +211,8 @@ class PixelGroundTruth:
     ) -> dict[str, float | str]:
         """AU-PRO and AU-IoU of ``maps`` (one per mask, same shapes) up to ``fpr_limit``.
 
+        The maps of excluded images are checked for shape and otherwise ignored.
+
         Returns {"au_pro", "au_iou", "fpr_limit", "pixel_resolution"}. Both areas are NaN, with a
         logged warning, when the test set has no defect pixel (or no OK pixel): they are undefined.
         The maps are read, never modified.
@@ -190,9 +227,9 @@ class PixelGroundTruth:
         scores = self._pooled_scores(maps)
         if self.n_regions == 0 or self.n_ok_pixels == 0:
             logger.warning(
-                "pixel metrics undefined: the %d test masks hold %d defect and %d OK pixels; "
+                "pixel metrics undefined: the %d test masks used hold %d defect and %d OK pixels; "
                 "AU-PRO and AU-IoU are reported as NaN",
-                self.n_images,
+                self.n_images - self.n_excluded,
                 self.n_defect_pixels,
                 self.n_ok_pixels,
             )
@@ -208,7 +245,8 @@ class PixelGroundTruth:
             )
 
     def _pooled_scores(self, maps: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-        """All pixel scores as one flat array, in mask order (a view when maps is one array)."""
+        """The pixel scores of every image not excluded as one flat array, in mask order (a view
+        when maps is one array and no image is excluded)."""
         self._check_count(maps)
         for index, (score_map, shape) in enumerate(zip(maps, self.shapes, strict=True)):
             if np.shape(score_map) != shape:
@@ -218,9 +256,10 @@ class PixelGroundTruth:
                     f"maps to the mask size with sroc.detectors.resize_maps"
                 )
         if isinstance(maps, np.ndarray):
-            scores = maps.reshape(-1)
+            scores = (maps[~self.excluded] if self.n_excluded else maps).reshape(-1)
         else:
-            scores = np.concatenate([np.asarray(score_map).ravel() for score_map in maps])
+            used = [np.ravel(m) for m, out in zip(maps, self.excluded, strict=True) if not out]
+            scores = np.concatenate(used or [np.zeros(0)])
         if scores.dtype.kind not in "fiu":
             raise ValueError(f"anomaly maps must hold real numbers; got dtype {scores.dtype}")
         if not np.isfinite(scores).all():

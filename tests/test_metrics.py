@@ -225,6 +225,54 @@ def test_ground_truth_is_reused_across_evaluations():
         assert (result["au_pro"], result["au_iou"]) == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["random", "tied", "synthetic"])
+@pytest.mark.parametrize("fpr_limit", [0.3, 0.05])
+def test_defective_images_without_a_mask_are_left_out(kind, fpr_limit):
+    """Issue 14 item 7: the reference simply drops the excluded images' maps and masks."""
+    maps, masks = make_case(kind, 5)
+    # Two defective images lose their masks; a detector scores them high, as they are defective.
+    excluded = np.zeros(len(masks), dtype=bool)
+    excluded[[1, 4]] = True
+    assert all(masks[i].any() for i in (1, 4))
+    maps = [m + 2.0 * out for m, out in zip(maps, excluded, strict=True)]
+    kept = np.flatnonzero(~excluded)
+    expected = loop_reference([maps[i] for i in kept], [masks[i] for i in kept], fpr_limit)
+    ground_truth = PixelGroundTruth(masks, excluded=excluded)
+    result = ground_truth.evaluate(maps, fpr_limit=fpr_limit)
+    assert (result["au_pro"], result["au_iou"]) == pytest.approx(expected, abs=1e-12)
+    # Counted as defect-free instead (the old behaviour), their hot pixels are false positives.
+    blank = [np.zeros_like(m) if out else m for m, out in zip(masks, excluded, strict=True)]
+    as_good = PixelGroundTruth(blank).evaluate(maps, fpr_limit=fpr_limit)
+    assert as_good["au_pro"] < result["au_pro"]
+
+
+def test_excluded_images_with_maps_as_one_array():
+    rng = np.random.default_rng(3)
+    masks = np.stack(random_masks(rng, [(10, 10)] * 5, defect_free_every=99))
+    maps = np.stack(synthetic_maps(rng, masks))
+    excluded = np.array([False, True, False, False, True])
+    ground_truth = PixelGroundTruth(masks, excluded=excluded)
+    assert ground_truth.evaluate(maps) == ground_truth.evaluate(list(maps))
+    assert ground_truth.evaluate(maps) == PixelGroundTruth(masks[~excluded]).evaluate(
+        maps[~excluded]
+    )
+    with pytest.raises(ValueError, match="anomaly map 1 has shape"):
+        ground_truth.evaluate([maps[0], maps[1][:5], *maps[2:]])
+
+
+def test_every_defective_image_excluded_gives_missing_metrics(caplog):
+    masks = [np.zeros((4, 4), bool), np.eye(4, dtype=bool)]
+    ground_truth = PixelGroundTruth(masks, excluded=[False, True])
+    with caplog.at_level(logging.WARNING, logger="sroc.metrics"):
+        result = ground_truth.evaluate(np.random.default_rng(0).random((2, 4, 4)))
+    assert math.isnan(result["au_pro"]) and math.isnan(result["au_iou"])
+    assert "pixel metrics undefined: the 1 test masks used" in caplog.text
+    everything = PixelGroundTruth(masks, excluded=[True, True])
+    assert math.isnan(everything.evaluate([np.ones((4, 4))] * 2)["au_pro"])
+    with pytest.raises(ValueError, match="excluded must hold one boolean per mask"):
+        PixelGroundTruth(masks, excluded=[1, 0])
+
+
 # ---------------------------------------------------------------- hand cases
 
 
@@ -304,7 +352,6 @@ def test_resize_mask_nearest_matches_torch_nearest_exact(in_shape, out_shape):
     resized = resize_mask_nearest(mask, out_shape)
     assert resized.dtype == bool
     np.testing.assert_array_equal(resized, expected > 0.5)
-
 
 
 def test_fixed_resolution_resizes_masks_by_nearest_neighbour():
@@ -445,11 +492,31 @@ def test_from_mask_paths_reads_masks_and_fills_defect_free_images(tmp_path):
     mask[2:4, 3:8] = 255
     mask_path = tmp_path / "000_mask.png"
     Image.fromarray(mask).save(mask_path)
-    ground_truth = PixelGroundTruth.from_mask_paths([str(mask_path), ""], [(9, 12), (5, 7)])
+    ground_truth = PixelGroundTruth.from_mask_paths(
+        [str(mask_path), ""], [(9, 12), (5, 7)], labels=[1, 0]
+    )
     assert ground_truth.shapes == [(9, 12), (5, 7)]
     assert ground_truth.n_defect_pixels == 10 and ground_truth.n_regions == 1
+    assert ground_truth.n_ok_pixels == 9 * 12 - 10 + 5 * 7 and ground_truth.n_excluded == 0
     with pytest.raises(ValueError, match="9x12"):
-        PixelGroundTruth.from_mask_paths([str(mask_path)], [(9, 13)])
+        PixelGroundTruth.from_mask_paths([str(mask_path)], [(9, 13)], labels=[1])
+
+
+def test_from_mask_paths_excludes_defective_images_without_a_mask(tmp_path, caplog):
+    mask = np.zeros((9, 12), dtype=np.uint8)
+    mask[2:4, 3:8] = 255
+    mask_path = tmp_path / "000_mask.png"
+    Image.fromarray(mask).save(mask_path)
+    with caplog.at_level(logging.WARNING, logger="sroc.metrics"):
+        ground_truth = PixelGroundTruth.from_mask_paths(
+            [str(mask_path), "", ""], [(9, 12), (6, 6), (5, 7)], labels=[1, 1, 0]
+        )
+    assert "1 of 3 test images are defective but have no mask" in caplog.text
+    assert ground_truth.excluded.tolist() == [False, True, False]
+    assert ground_truth.shapes == [(9, 12), (6, 6), (5, 7)]  # the excluded map's shape is kept
+    assert ground_truth.n_ok_pixels == 9 * 12 - 10 + 5 * 7
+    with pytest.raises(ValueError, match="2 mask paths, 2 image sizes and 1 labels"):
+        PixelGroundTruth.from_mask_paths(["", ""], [(5, 5), (5, 5)], labels=[0])
 
 
 @pytest.mark.shared

@@ -12,5 +12,7 @@ rule split:
         seed=lambda wildcards: int(wildcards.seed),
         set_fraction=config["pollution"]["set_fraction"],
         min_test_defective=config["pollution"].get("min_test_defective", 1),
+        set_seed=config["pollution"].get("set_seed", "fixed"),
+        max_set_share=config["pollution"].get("max_set_share"),
     script:
         "../../scripts/split.py"
