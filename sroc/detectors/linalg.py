@@ -12,22 +12,38 @@ def ledoit_wolf(x: np.ndarray, reg_covar: float = 0.0) -> tuple[np.ndarray, np.n
 
     ``x`` has shape (..., n_samples, n_features); returns ``(mean (..., d), covariance (..., d,
     d), shrinkage (...))``. The closed form is scikit-learn's ``ledoit_wolf`` (maximum-likelihood
-    covariance S, target mu*I with mu = trace(S)/d), vectorised over the leading axes, so PaDiM
-    can fit thousands of per-location Gaussians in a few matrix products. ``reg_covar`` is added
-    to the diagonal afterwards (0 keeps the estimator exact; PaDiM's original code adds 0.01).
+    covariance S, target mu*I with mu = trace(S)/d), vectorised over the leading axes.
+    ``reg_covar`` is added to the diagonal afterwards (0 keeps the estimator exact; PaDiM's
+    original code adds 0.01).
     """
     x = torch.as_tensor(np.asarray(x, dtype=np.float64))
-    n_samples, n_features = x.shape[-2:]
+    n_samples = x.shape[-2]
     if n_samples < 2:
         raise ValueError(f"a covariance needs at least 2 training samples, got {n_samples}")
     mean = x.mean(dim=-2)
     centred = x - mean[..., None, :]
     emp_cov = torch.matmul(centred.mT, centred) / n_samples
+    fourth = ((centred**2).sum(-1) ** 2).sum(-1)
+    cov, shrinkage = shrunk_covariance(emp_cov, fourth, n_samples, reg_covar)
+    return mean.numpy(), cov.numpy(), shrinkage.numpy()
+
+
+def shrunk_covariance(
+    emp_cov: torch.Tensor, fourth: torch.Tensor, n_samples: int, reg_covar: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ledoit-Wolf shrinkage of batched maximum-likelihood covariances ``emp_cov`` (..., d, d).
+
+    ``fourth`` (...) is sum_k ||x_k||^4 over the centred samples x_k: scikit-learn's
+    sum((X^2)^T X^2), the fourth-moment term of the shrinkage intensity. Both come from sums
+    over the samples that a caller may compute in float32; the closed form itself runs in
+    float64 (its terms are differences of sums of squares). Returns (covariance, shrinkage).
+    """
+    emp_cov = emp_cov.to(torch.float64)
+    fourth = fourth.to(torch.float64)
+    n_features = emp_cov.shape[-1]
     trace = torch.diagonal(emp_cov, dim1=-2, dim2=-1).sum(-1)
     mu = trace / n_features
     cov_sq_sum = (emp_cov**2).sum(dim=(-2, -1))
-    # sum_{i,j} (X^2)^T X^2 = sum_k ||x_k||^4: the fourth-moment term of the shrinkage intensity.
-    fourth = ((centred**2).sum(-1) ** 2).sum(-1)
     beta = (fourth / n_samples - cov_sq_sum) / (n_features * n_samples)
     delta = (cov_sq_sum - 2.0 * mu * trace + n_features * mu**2) / n_features
     beta = torch.minimum(beta, delta)
@@ -36,7 +52,7 @@ def ledoit_wolf(x: np.ndarray, reg_covar: float = 0.0) -> tuple[np.ndarray, np.n
         shrinkage = torch.zeros_like(shrinkage)
     cov = (1.0 - shrinkage)[..., None, None] * emp_cov
     torch.diagonal(cov, dim1=-2, dim2=-1).add_((shrinkage * mu)[..., None] + reg_covar)
-    return mean.numpy(), cov.numpy(), shrinkage.numpy()
+    return cov, shrinkage
 
 
 def cholesky_factors(cov: np.ndarray, what: str) -> np.ndarray:
@@ -61,3 +77,9 @@ def whiten(chol: np.ndarray, centred: np.ndarray) -> np.ndarray:
     return solved.mT.numpy()
 
 
+def inverse_cholesky(cov: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    """W = L^-1 (batched, float64) for covariances C = L L^T: ||W (x - mu)|| is the
+    Mahalanobis distance, so scoring many vectors is one matrix product per Gaussian."""
+    chol = torch.as_tensor(cholesky_factors(cov, what))
+    identity = torch.eye(chol.shape[-1], dtype=chol.dtype).expand_as(chol)
+    return torch.linalg.solve_triangular(chol, identity, upper=False).numpy()
