@@ -80,6 +80,11 @@ def whiten(chol: np.ndarray, centred: np.ndarray) -> np.ndarray:
 def inverse_cholesky(cov: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
     """W = L^-1 (batched, float64) for covariances C = L L^T: ||W (x - mu)|| is the
     Mahalanobis distance, so scoring many vectors is one matrix product per Gaussian."""
-    chol = torch.as_tensor(cholesky_factors(cov, what))
+    # numpy's batched Cholesky was about twice as fast as torch's on small matrices (measured).
+    try:
+        chol = torch.from_numpy(np.linalg.cholesky(np.asarray(cov, dtype=np.float64)))
+    except np.linalg.LinAlgError:
+        cholesky_factors(cov, what)  # raises the explanatory error
+        raise
     identity = torch.eye(chol.shape[-1], dtype=chol.dtype).expand_as(chol)
     return torch.linalg.solve_triangular(chol, identity, upper=False).numpy()

@@ -112,13 +112,15 @@ class PaDiMDetector(BaseDetector):
         self.whitenings_ = np.empty((locations, dim, dim), dtype=np.float32)
         self.shrinkages_ = np.empty(locations)
         samples = self._location_major(features)
+        # Per-cell means of each stage, in float64, before the coarse cells are replicated.
+        cell_means = [part.mean(axis=2, dtype=np.float64) for part in samples]
 
         def fit_block(block: slice) -> None:
-            x = self._gather(samples, block)  # (L, n, d)
-            mean = x.mean(axis=1, dtype=np.float64)
-            x -= mean[:, None, :].astype(np.float32)
-            gram = np.matmul(x.transpose(0, 2, 1), x)
-            sq_norms = np.einsum("lnd,lnd->ln", x, x).astype(np.float64)
+            mean = self._gather(cell_means, block)  # (L, d)
+            x = self._gather(samples, block)  # (L, d, n)
+            x -= mean[:, :, None].astype(np.float32)
+            gram = np.matmul(x, x.transpose(0, 2, 1))
+            sq_norms = np.einsum("ldn,ldn->ln", x, x).astype(np.float64)
             cov, shrinkage = shrunk_covariance(
                 torch.from_numpy(gram) / self.n_train_,
                 torch.from_numpy((sq_norms**2).sum(-1)),
@@ -134,8 +136,8 @@ class PaDiMDetector(BaseDetector):
         self._run_chunks(fit_block, locations, self._chunk_locations(dim, self.n_train_))
 
     def _location_major(self, features: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The selected channels of each stage on the stage's own grid, location-major:
-        [(h*w, n, c) float32]; copied by chunks of images, in parallel."""
+        """The selected channels of each stage on the stage's own grid, location-major with the
+        images last: [(h*w, c, n) float32]; copied by chunks of images, in parallel."""
         n_images = next(iter(features.values())).shape[0]
         out, selections, offset = [], [], 0
         for stage in self.stages_:
@@ -143,36 +145,33 @@ class PaDiMDetector(BaseDetector):
             local = self.channels_[
                 (self.channels_ >= offset) & (self.channels_ < offset + channels)
             ]
+            selections.append(local - offset)
             offset += channels
-            selections.append(local - (offset - channels))
-            out.append(np.empty((height * width, n_images, len(local)), dtype=np.float32))
+            out.append(np.empty((height * width, len(local), n_images), dtype=np.float32))
 
         def copy_block(block: slice) -> None:
             for stage, local, target in zip(self.stages_, selections, out, strict=True):
-                if len(local):
-                    part = features[stage][block][:, local]
-                    target[:, block] = part.reshape(part.shape[0], len(local), -1).transpose(
-                        2, 0, 1
-                    )
+                part = features[stage][block][:, local]
+                target[:, :, block] = part.reshape(part.shape[0], len(local), -1).transpose(2, 1, 0)
 
         self._run_chunks(copy_block, n_images, _IMAGE_CHUNK)
         return out
 
-    def _gather(self, samples: list[np.ndarray], block: slice) -> np.ndarray:
-        """Aligned features of a range of flat locations of the finest grid, (L, n, d) float32:
-        each stage's nearest source cell (PaDiM's embedding_concat replicates coarse cells)."""
+    def _gather(self, parts: list[np.ndarray], block: slice) -> np.ndarray:
+        """Aligned values of a range of flat locations of the finest grid from per-stage arrays
+        indexed by the stage's cells (first axis), concatenated along the channel axis (second):
+        each location takes its stage's nearest cell (PaDiM's embedding_concat replicates
+        coarse cells)."""
         height, width = self.grid_hw_
         flat = np.arange(block.start, block.stop)
         rows, cols = flat // width, flat % width
-        n_images = samples[0].shape[1]
-        x = np.empty((len(flat), n_images, len(self.channels_)), dtype=np.float32)
-        offset = 0
-        for stage, part in zip(self.stages_, samples, strict=True):
+        gathered = []
+        for stage, part in zip(self.stages_, parts, strict=True):
             stage_h, stage_w = self.feature_shapes_[stage][1:]
-            source = ((rows * stage_h) // height) * stage_w + (cols * stage_w) // width
-            x[:, :, offset : offset + part.shape[2]] = part[source]
-            offset += part.shape[2]
-        return x
+            gathered.append(
+                part[((rows * stage_h) // height) * stage_w + (cols * stage_w) // width]
+            )
+        return np.concatenate(gathered, axis=1)
 
     def _score(
         self, features: dict[str, np.ndarray], maps: bool
@@ -183,14 +182,13 @@ class PaDiMDetector(BaseDetector):
         distances = np.empty((locations, n_images), dtype=np.float32)
 
         def score_block(block: slice) -> None:
-            x = self._gather(samples, block)
-            x -= self.means_[block, None, :].astype(np.float32)
-            whitened = np.matmul(x, self.whitenings_[block].transpose(0, 2, 1))
-            distances[block] = np.sqrt(np.einsum("lnd,lnd->ln", whitened, whitened))
+            x = self._gather(samples, block)  # (L, d, n)
+            x -= self.means_[block, :, None].astype(np.float32)
+            whitened = np.matmul(self.whitenings_[block], x)
+            distances[block] = np.sqrt(np.einsum("ldn,ldn->ln", whitened, whitened))
 
-        self._run_chunks(
-            score_block, locations, self._chunk_locations(len(self.channels_), n_images)
-        )
+        chunk = self._chunk_locations(len(self.channels_), n_images)
+        self._run_chunks(score_block, locations, chunk)
         scores = distances.max(axis=0).astype(np.float64)
         if not maps:
             return scores, None
