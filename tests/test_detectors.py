@@ -484,6 +484,9 @@ def test_registry_and_parameter_errors():
         make_detector("spade")
     with pytest.raises(ValueError, match=r"no parameter\(s\) \['k'\]"):
         make_detector("knn", k=5)
+    for name in ("knn", "mahalanobis", "padim"):  # maps are resized and smoothed once, outside
+        with pytest.raises(ValueError, match=r"no parameter\(s\) \['map_sigma', 'map_size'\]"):
+            make_detector(name, map_size=20, map_sigma=1.5)
 
 
 @pytest.mark.parametrize("name", ["knn", "mahalanobis", "padim"])
