@@ -324,6 +324,20 @@ def test_mahalanobis_grad_cam_matches_autograd_through_the_stage_chain(stages):
             MahalanobisDetector(stages=stages, cam_stage=shallower).fit(train)
 
 
+@pytest.mark.parametrize("reg_covar", [0.0, 0.05])
+def test_mahalanobis_exclude_self_equals_refits_without_each_image(train, reg_covar):
+    detector = MahalanobisDetector(exclude_self=True, reg_covar=reg_covar).fit(train)
+    scores, maps = detector.score(train)
+    for i in range(12):
+        others = {s: np.delete(a, i, axis=0) for s, a in train.items()}
+        alone = {s: a[i : i + 1] for s, a in train.items()}
+        refit_scores, refit_maps = MahalanobisDetector(reg_covar=reg_covar).fit(others).score(alone)
+        assert_close(scores[i], refit_scores[0], rtol=1e-6, atol=1e-9)
+        assert_close(maps[i], refit_maps[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exclude_self"):
+        detector.score({s: a[:5] for s, a in train.items()})
+
+
 # ---------------------------------------------------------------------------------------------
 # PaDiM
 # ---------------------------------------------------------------------------------------------

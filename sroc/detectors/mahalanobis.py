@@ -8,7 +8,12 @@ import numpy as np
 import torch
 
 from sroc.detectors.base import _MB, BaseDetector, _gap_embedding, _upsample
-from sroc.detectors.linalg import cholesky_factors, ledoit_wolf, whiten
+from sroc.detectors.linalg import (
+    cholesky_factors,
+    leave_one_out_mahalanobis,
+    ledoit_wolf,
+    whiten,
+)
 
 
 class MahalanobisDetector(BaseDetector):
@@ -30,6 +35,11 @@ class MahalanobisDetector(BaseDetector):
         backbone layers that cached features do not include, so its gradient cannot be computed
         here.
     reg_covar : added to the covariance diagonal after shrinkage (0 = Ledoit-Wolf only).
+    exclude_self : score() then expects the training features and scores each image against
+        the Gaussian of the other images (leave-one-out: mean, covariance and Ledoit-Wolf
+        shrinkage recomputed without it, in closed form, see
+        :func:`sroc.detectors.linalg.leave_one_out_mahalanobis`); Grad-CAM follows that
+        Gaussian. The default (False) follows the paper.
     n_jobs : as in :class:`KNNDetector`.
     random_state : accepted so that every detector takes the same arguments; unused.
     """
@@ -39,12 +49,14 @@ class MahalanobisDetector(BaseDetector):
         stages: Sequence[str] | None = None,
         cam_stage: str | None = None,
         reg_covar: float = 0.0,
+        exclude_self: bool = False,
         n_jobs: int | None = None,
         random_state: int | None = None,
     ):
         self.stages = stages
         self.cam_stage = cam_stage
         self.reg_covar = reg_covar
+        self.exclude_self = exclude_self
         self.n_jobs = n_jobs
         self.random_state = random_state
 
@@ -62,8 +74,11 @@ class MahalanobisDetector(BaseDetector):
                 f"Grad-CAM cannot be computed here. Use cam_stage=None (or {deepest!r}), or "
                 f"stages that end at {self.cam_stage!r}"
             )
+        if self.exclude_self and self.n_train_ < 3:
+            raise ValueError(f"exclude_self needs at least 3 training images, got {self.n_train_}")
         self.cam_stage_ = deepest
         pooled = self._pooled(features)
+        self.train_embeddings_ = np.concatenate([pooled[s] for s in self.stages_], axis=1)
         self.means_, self.choleskys_, self.shrinkages_ = {}, {}, {}
         for stage in self.stages_:
             mean, cov, shrinkage = ledoit_wolf(pooled[stage], self.reg_covar)
@@ -81,12 +96,17 @@ class MahalanobisDetector(BaseDetector):
         self, features: dict[str, np.ndarray], maps: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
         pooled = self._pooled(features)
+        distances = self._stage_distances
+        if self.exclude_self:
+            self._check_self_scoring(np.concatenate([pooled[s] for s in self.stages_], axis=1))
+            distances = self._left_out_distances
+        per_stage = {stage: distances(pooled[stage], stage) for stage in self.stages_}
         scores = np.zeros(next(iter(features.values())).shape[0])
         for stage in self.stages_:
-            scores += self._stage_distances(pooled[stage], stage)[0]
+            scores += per_stage[stage][0]
         if not maps:
             return scores, None
-        cam = self._grad_cam(features[self.cam_stage_], pooled[self.cam_stage_])
+        cam = self._grad_cam(features[self.cam_stage_], per_stage[self.cam_stage_][1])
         grid = _upsample(torch.from_numpy(cam)[:, None], self.grid_hw_, "bilinear")[:, 0]
         return scores, grid.numpy()
 
@@ -101,17 +121,22 @@ class MahalanobisDetector(BaseDetector):
         precision_centred = torch.linalg.solve_triangular(
             torch.from_numpy(chol.T), torch.from_numpy(whitened.T), upper=True
         ).T.numpy()
-        # A zero distance has no defined gradient; its Grad-CAM map is then zero.
-        safe = np.where(distances > 0, distances, np.inf)
-        return distances, precision_centred / safe[:, None]
+        return distances, _gradient(distances, precision_centred)
+
+    def _left_out_distances(self, pooled: np.ndarray, stage: str) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`_stage_distances`, each training image against the Gaussian of the others."""
+        sq_distances, precision_offsets = leave_one_out_mahalanobis(pooled, self.reg_covar)
+        distances = np.sqrt(np.maximum(sq_distances, 0.0))
+        return distances, _gradient(distances, precision_offsets)
 
     def grad_cam(self, feature_map: np.ndarray) -> np.ndarray:
         """Grad-CAM maps (n, H, W) float32 of the feature maps of ``cam_stage_``."""
         feature_map = np.asarray(feature_map, dtype=np.float32)
-        return self._grad_cam(feature_map, feature_map.mean(axis=(2, 3), dtype=np.float64))
+        pooled = feature_map.mean(axis=(2, 3), dtype=np.float64)
+        return self._grad_cam(feature_map, self._stage_distances(pooled, self.cam_stage_)[1])
 
-    def _grad_cam(self, feature_map: np.ndarray, pooled: np.ndarray) -> np.ndarray:
-        _, gradients = self._stage_distances(pooled, self.cam_stage_)
+    def _grad_cam(self, feature_map: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        """Grad-CAM maps from the gradients (n, C) of the distance w.r.t. the pooled features."""
         weights = gradients / (feature_map.shape[2] * feature_map.shape[3])
         cam = np.einsum("nc,nchw->nhw", weights, feature_map.astype(np.float64))
         return np.maximum(cam, 0.0).astype(np.float32)
@@ -120,3 +145,10 @@ class MahalanobisDetector(BaseDetector):
         covariances = sum(chw[0] ** 2 for chw in shapes.values()) * 8 * 3 / _MB
         locations, _ = self._grid_and_dim(shapes)
         return covariances + (n_train + n_test) * locations * 4 * 2 / _MB
+
+
+def _gradient(distances: np.ndarray, precision_offsets: np.ndarray) -> np.ndarray:
+    """d distance / d pooled = S^-1 (g - mu) / distance. A zero distance has no defined
+    gradient; its Grad-CAM map is then zero."""
+    safe = np.where(distances > 0, distances, np.inf)
+    return precision_offsets / safe[:, None]
