@@ -368,6 +368,20 @@ def test_padim_matches_reference(train, test, n_features):
     assert_close(maps, expected_maps)
 
 
+def test_padim_exclude_self_equals_refits_without_each_image(train):
+    detector = PaDiMDetector(n_features=9, exclude_self=True).fit(train)
+    scores, maps = detector.score(train)
+    for i in range(12):
+        others = {s: np.delete(a, i, axis=0) for s, a in train.items()}
+        alone = {s: a[i : i + 1] for s, a in train.items()}
+        # float64 reference: LedoitWolf refitted on the 11 other images at every location.
+        refit_scores, refit_maps = ref_padim(others, alone, detector.channels_)
+        assert_close(scores[i], refit_scores[0], rtol=1e-6, atol=1e-9)
+        assert_close(maps[i], refit_maps[0], rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="exclude_self"):
+        detector.score({s: a[:5] for s, a in train.items()})
+
+
 def test_padim_channel_subset_is_seeded(train):
     first = PaDiMDetector(n_features=9, random_state=7).fit(train).channels_
     again = PaDiMDetector(n_features=9, random_state=7).fit(train).channels_
@@ -530,9 +544,12 @@ def test_outputs_do_not_depend_on_the_thread_count(train, test, name, monkeypatc
     runs = [make_detector(name, n_jobs=n_jobs, **params).fit(train) for n_jobs in (1, 2, None)]
     for reference, other in itertools.pairwise([run.score(test) for run in runs]):
         assert np.array_equal(reference[0], other[0]) and np.array_equal(reference[1], other[1])
-    if name == "knn":
-        self_scores = [run.set_params(exclude_self=True).score(train) for run in runs[:2]]
-        assert np.array_equal(self_scores[0][1], self_scores[1][1])
+    left_out = [
+        make_detector(name, n_jobs=n_jobs, exclude_self=True, **params).fit(train).score(train)
+        for n_jobs in (1, 2)
+    ]
+    assert np.array_equal(left_out[0][0], left_out[1][0])
+    assert np.array_equal(left_out[0][1], left_out[1][1])
 
 
 def test_validate_params_names_the_entry_and_the_key():

@@ -9,8 +9,12 @@ import numpy as np
 import torch
 
 from sroc.detectors import base
-from sroc.detectors.base import _IMAGE_CHUNK, _MB, BaseDetector, _n_workers
-from sroc.detectors.linalg import inverse_cholesky, shrunk_covariance
+from sroc.detectors.base import _IMAGE_CHUNK, _MB, BaseDetector, _gap_embedding, _n_workers
+from sroc.detectors.linalg import (
+    inverse_cholesky,
+    leave_one_out_mahalanobis,
+    shrunk_covariance,
+)
 
 # Each chunk of locations gets this share of the scratch budget (WORKSPACE_MB), so that a few
 # chunks run at once within it; the share, not n_jobs, sets the chunks.
@@ -34,6 +38,11 @@ class PaDiMDetector(BaseDetector):
     max_memory_mb : budget for the fitted per-location whitening matrices (H*W*d^2 float32)
         plus the chunked scratch space; fit raises before allocating when it is exceeded.
     random_state : seed of the channel subset.
+    exclude_self : score() then expects the training features and scores each image against
+        the per-location Gaussians of the other images (leave-one-out, mean, covariance and
+        Ledoit-Wolf shrinkage recomputed in closed form, in float64, see
+        :func:`sroc.detectors.linalg.leave_one_out_mahalanobis`). The default (False) follows
+        the paper.
     n_jobs : as in :class:`KNNDetector`.
 
     Arithmetic: the per-location sums over images (Gram matrices when fitting, whitening when
@@ -51,8 +60,10 @@ class PaDiMDetector(BaseDetector):
         reg_covar: float = 0.0,
         max_memory_mb: float = 4096.0,
         random_state: int | None = 0,
+        exclude_self: bool = False,
         n_jobs: int | None = None,
     ):
+        self.exclude_self = exclude_self
         self.n_features = n_features
         self.stages = stages
         self.reg_covar = reg_covar
@@ -104,6 +115,12 @@ class PaDiMDetector(BaseDetector):
                 f"{largest} (random channel subset), use fewer or coarser stages, or raise "
                 "max_memory_mb"
             )
+        if self.exclude_self:
+            if self.n_train_ < 3:
+                raise ValueError(
+                    f"exclude_self needs at least 3 training images, got {self.n_train_}"
+                )
+            self.train_embeddings_ = _gap_embedding(features, self.stages_, self._run_chunks)
         rng = np.random.default_rng(self.random_state)
         self.channels_ = (
             np.arange(total) if dim == total else np.sort(rng.choice(total, dim, replace=False))
@@ -178,8 +195,15 @@ class PaDiMDetector(BaseDetector):
     ) -> tuple[np.ndarray, np.ndarray | None]:
         n_images = next(iter(features.values())).shape[0]
         locations = self.grid_hw_[0] * self.grid_hw_[1]
+        if self.exclude_self:
+            self._check_self_scoring(_gap_embedding(features, self.stages_, self._run_chunks))
         samples = self._location_major(features)
         distances = np.empty((locations, n_images), dtype=np.float32)
+
+        def left_out_block(block: slice) -> None:
+            x = self._gather(samples, block).transpose(0, 2, 1)  # (L, n, d)
+            sq_distances, _ = leave_one_out_mahalanobis(x, self.reg_covar)
+            distances[block] = np.sqrt(np.maximum(sq_distances, 0.0))
 
         def score_block(block: slice) -> None:
             x = self._gather(samples, block)  # (L, d, n)
@@ -188,7 +212,11 @@ class PaDiMDetector(BaseDetector):
             distances[block] = np.sqrt(np.einsum("ldn,ldn->ln", whitened, whitened))
 
         chunk = self._chunk_locations(len(self.channels_), n_images)
-        self._run_chunks(score_block, locations, chunk)
+        if self.exclude_self:
+            # float64 samples, projections and eigenvectors: about 3x a chunk's usual scratch.
+            self._run_chunks(left_out_block, locations, max(1, chunk // 3))
+        else:
+            self._run_chunks(score_block, locations, chunk)
         scores = distances.max(axis=0).astype(np.float64)
         if not maps:
             return scores, None
