@@ -201,6 +201,47 @@ def stoc_ranking(
     )
 
 
+def iterative_sroc_ranking(
+    features: Features,
+    image_ids: Sequence[str],
+    factory: DetectorFactory,
+    ratio: float,
+    n_steps: int,
+) -> Ranking:
+    """SROC in ``n_steps`` steps: each step fits on the images still kept, scores them and
+    removes the highest, until n_removed(N, ratio) are removed (after step t, the round-half-up
+    of t / n_steps of the target; steps that would remove nothing are skipped).
+
+    The order lists the removed images in removal order, then the kept ones by their last score;
+    an image's score is the one it had when it was removed, or its last one if kept. One step is
+    SROC. The ranking depends on ``ratio``: ratios above it continue with the last scores.
+    """
+    ids = _check_inputs(features, image_ids)
+    n = len(ids)
+    if not isinstance(n_steps, int | np.integer) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+    target = n_removed(n, ratio)
+    cumulative = [round_half_up(step * target / n_steps) for step in range(1, n_steps + 1)]
+    # One fit per distinct count; a single fit scores everything when nothing is removed.
+    cumulative = sorted(set(cumulative) - {0}) or [0]
+    scores = np.empty(n, dtype=np.float64)
+    kept = np.arange(n)
+    removed: list[np.ndarray] = []
+    fit_seconds = score_seconds = 0.0
+    for count in cumulative:
+        kept_features = _subset(features, kept)
+        detector, seconds = _fit(factory, kept_features)
+        fit_seconds += seconds
+        scores[kept], seconds = _score(detector, kept_features)
+        score_seconds += seconds
+        step_order = kept[removal_order(scores[kept], ids[kept])]
+        n_now = count - (n - len(kept))
+        removed.append(step_order[:n_now])
+        kept = np.sort(step_order[n_now:])
+    order = np.concatenate([*removed, kept[removal_order(scores[kept], ids[kept])]])
+    return Ranking("iterative_sroc", scores, order, len(cumulative), fit_seconds, score_seconds)
+
+
 def _check_ids(image_ids: Sequence[str], n: int | None) -> np.ndarray:
     """The ids as a 1-D str array, checked: one unique string per image."""
     ids = np.asarray(image_ids)

@@ -16,6 +16,7 @@ from sroc.refinement import (
     Ranking,
     cross_validation_ranking,
     fold_assignment,
+    iterative_sroc_ranking,
     kept_positions,
     n_removed,
     random_ranking,
@@ -316,6 +317,54 @@ def test_seeded_strategies_are_deterministic(polluted):
         assert not np.array_equal(first.scores, other.scores)
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.2, 0.4])
+def test_iterative_sroc_with_one_step_is_sroc(polluted, ratio):
+    features, ids, _ = polluted
+    iterative = iterative_sroc_ranking(features, ids, factory("mahalanobis"), ratio, n_steps=1)
+    sroc = sroc_ranking(features, ids, factory("mahalanobis"))
+    np.testing.assert_array_equal(iterative.scores, sroc.scores)
+    np.testing.assert_array_equal(iterative.order, sroc.order)
+    assert (iterative.strategy, iterative.n_fits) == ("iterative_sroc", 1)
+
+
+def reference_iterative(features, ids, name, counts):
+    """Refit on the kept images, remove the top ones until each cumulative count is reached."""
+    kept, removed, scores = list(range(len(ids))), [], {}
+    for count in counts:
+        positions = np.array(sorted(kept))
+        fitted = detector(name).fit(subset(features, positions))
+        step = fitted.score(subset(features, positions), maps=False)[0]
+        scores.update(zip(positions.tolist(), step.tolist(), strict=True))
+        ranked = sorted(kept, key=lambda i: (-scores[i], ids[i]))
+        take = count - len(removed)
+        removed, kept = removed + ranked[:take], ranked[take:]
+    return removed, kept, np.array([scores[i] for i in range(len(ids))])
+
+
+@pytest.mark.parametrize(
+    "name, ratio, n_steps, counts",
+    [
+        # 20 of 50 in 3 steps: round(20/3) = 7, round(40/3) = 13, then 20.
+        ("mahalanobis", 0.4, 3, [7, 13, 20]),
+        ("knn", 0.2, 2, [5, 10]),
+        # 2 of 50 in 5 steps: 0, 1, 1, 2, 2 cumulative: only two steps remove anything.
+        ("mahalanobis", 0.04, 5, [1, 2]),
+    ],
+)
+def test_iterative_sroc_refits_on_what_remains(polluted, name, ratio, n_steps, counts):
+    features, ids, _ = polluted
+    ranking = iterative_sroc_ranking(features, ids, factory(name), ratio, n_steps)
+    removed, kept, scores = reference_iterative(features, ids, name, counts)
+    assert ranking.n_fits == len(counts) and len(removed) == n_removed(N_TRAIN, ratio)
+    assert list(removed_positions(ranking, ratio)) == removed
+    np.testing.assert_allclose(ranking.scores, scores, rtol=1e-12)
+    # The kept images follow in the order of their last scores.
+    assert list(ranking.order[len(removed) :]) == sorted(kept, key=lambda i: (-scores[i], ids[i]))
+    if name == "mahalanobis":  # the refit moves the mean and covariance: every score changes
+        sroc = sroc_ranking(features, ids, factory(name))
+        assert not np.isclose(ranking.scores[kept], sroc.scores[kept]).any()
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
@@ -347,5 +396,10 @@ def test_errors_name_the_problem(polluted):
         stoc_ranking({}, ids, make)
     with pytest.raises(ValueError, match=r"finite; not finite for images \['b'\]"):
         removal_order(np.array([0.0, np.nan]), ["a", "b"])
+    for n_steps in (0, 1.5):
+        with pytest.raises(ValueError, match="n_steps must be a positive integer"):
+            iterative_sroc_ranking(features, ids, make, 0.2, n_steps)
+    with pytest.raises(ValueError, match="ratio"):
+        iterative_sroc_ranking(features, ids, make, 1.0, 2)
     with pytest.raises(ValueError, match="not a permutation"):
         Ranking("sroc", np.zeros(3), np.array([0, 0, 1]), 1, 0.0, 0.0)
