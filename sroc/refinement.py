@@ -242,6 +242,34 @@ def iterative_sroc_ranking(
     return Ranking("iterative_sroc", scores, order, len(cumulative), fit_seconds, score_seconds)
 
 
+def consensus_ranking(rankings: Sequence[Ranking], image_ids: Sequence[str]) -> Ranking:
+    """Consensus of several rankings of the same training set (e.g. several detectors' SROC
+    self-scores): images ordered by their mean rank position, ties broken by image id.
+
+    The score is N - 1 minus the mean position, so higher is still more anomalous. Fits and
+    seconds are summed over the rankings.
+    """
+    if not rankings:
+        raise ValueError("consensus_ranking needs at least one ranking")
+    n = len(rankings[0].order)
+    if len({len(r.order) for r in rankings}) != 1:
+        sizes = [f"{r.strategy}: {len(r.order)}" for r in rankings]
+        raise ValueError(f"rankings cover different numbers of images: {sizes}")
+    _check_ids(image_ids, n)
+    positions = np.zeros(n, dtype=np.float64)
+    for ranking in rankings:
+        positions[ranking.order] += np.arange(n)
+    scores = (n - 1) - positions / len(rankings)
+    return Ranking(
+        "consensus",
+        scores,
+        removal_order(scores, image_ids),
+        sum(r.n_fits for r in rankings),
+        sum(r.fit_seconds for r in rankings),
+        sum(r.score_seconds for r in rankings),
+    )
+
+
 def _check_ids(image_ids: Sequence[str], n: int | None) -> np.ndarray:
     """The ids as a 1-D str array, checked: one unique string per image."""
     ids = np.asarray(image_ids)

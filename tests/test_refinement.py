@@ -14,6 +14,7 @@ from sroc.detectors import BaseDetector, make_detector
 from sroc.metrics import refinement_scores
 from sroc.refinement import (
     Ranking,
+    consensus_ranking,
     cross_validation_ranking,
     fold_assignment,
     iterative_sroc_ranking,
@@ -365,6 +366,35 @@ def test_iterative_sroc_refits_on_what_remains(polluted, name, ratio, n_steps, c
         assert not np.isclose(ranking.scores[kept], sroc.scores[kept]).any()
 
 
+def test_consensus_averages_rank_positions(polluted):
+    features, ids, _ = polluted
+    rankings = [
+        sroc_ranking(features, ids, factory(name)) for name in ("mahalanobis", "knn", "padim")
+    ]
+    consensus = consensus_ranking(rankings, ids)
+    mean_position = {
+        image: np.mean([list(r.order).index(image) for r in rankings]) for image in range(N_TRAIN)
+    }
+    expected = sorted(range(N_TRAIN), key=lambda i: (mean_position[i], ids[i]))
+    assert list(consensus.order) == expected
+    np.testing.assert_allclose(
+        consensus.scores, [N_TRAIN - 1 - mean_position[i] for i in range(N_TRAIN)]
+    )
+    assert consensus.strategy == "consensus" and consensus.n_fits == 3
+    assert consensus.fit_seconds == pytest.approx(sum(r.fit_seconds for r in rankings))
+    # One ranking is its own consensus.
+    np.testing.assert_array_equal(consensus_ranking(rankings[:1], ids).order, rankings[0].order)
+
+
+def test_consensus_of_opposite_rankings_ties_everywhere_and_orders_by_id():
+    ids = np.array(["d", "b", "e", "a", "c"])
+    forward = random_ranking(ids, rng_seed=2)
+    backward = Ranking("reverse", -forward.scores, forward.order[::-1].copy(), 0, 0.0, 0.0)
+    consensus = consensus_ranking([forward, backward], ids)
+    np.testing.assert_array_equal(consensus.scores, np.full(5, 2.0))
+    assert list(ids[consensus.order]) == ["a", "b", "c", "d", "e"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
@@ -401,5 +431,11 @@ def test_errors_name_the_problem(polluted):
             iterative_sroc_ranking(features, ids, make, 0.2, n_steps)
     with pytest.raises(ValueError, match="ratio"):
         iterative_sroc_ranking(features, ids, make, 1.0, 2)
+    with pytest.raises(ValueError, match="at least one ranking"):
+        consensus_ranking([], ids)
+    with pytest.raises(ValueError, match="different numbers of images"):
+        consensus_ranking([ranking, random_ranking(ids[:10], 0)], ids)
+    with pytest.raises(ValueError, match="got 10 image_ids for 50 images"):
+        consensus_ranking([ranking], ids[:10])
     with pytest.raises(ValueError, match="not a permutation"):
         Ranking("sroc", np.zeros(3), np.array([0, 0, 1]), 1, 0.0, 0.0)
