@@ -89,7 +89,7 @@ class PaperTable:
         return wide.reindex(index=self.rows(), columns=pd.MultiIndex.from_tuples(self.columns()))
 
     def to_csv_frame(self) -> pd.DataFrame:
-        """Flat numeric layout: one ``<detector> <ratio %> mean`` and ``... std`` column per cell."""
+        """Flat numeric layout: columns ``<detector> <ratio %> mean`` and ``... std`` per cell."""
         means, stds = self.values("mean"), self.values("std")
         metric_of_row = self.cells.drop_duplicates("row").set_index("row")["metric"]
         frame = pd.DataFrame({"row": self.rows(), "metric": metric_of_row[self.rows()].values})
