@@ -23,6 +23,32 @@ def pool(features: Mapping[str, np.ndarray]) -> np.ndarray:
     )
 
 
+def training_embeddings(
+    cache_path, manifests: Mapping[int, pd.DataFrame], ratio: float
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per seed, the pooled embeddings and defective flags of the training set at pollution
+    ``ratio``, read from the category's embedding cache once for every seed. A manifest of an
+    excluded category (no training image) gives no entry."""
+    from sroc import splits
+    from sroc.embeddings import load_features
+
+    training = {
+        seed: splits.training_set(manifest, ratio)
+        for seed, manifest in manifests.items()
+        if (manifest["role"] == "train").any()
+    }
+    if not training:
+        return {}
+    image_ids = sorted(set().union(*(set(t["image_id"]) for t in training.values())))
+    features, _ = load_features(cache_path, image_ids)
+    pooled = pool(features)
+    row_of = pd.Series(np.arange(len(image_ids)), index=image_ids)
+    return {
+        seed: (pooled[row_of[t["image_id"]].to_numpy()], t["polluted"].to_numpy(dtype=bool))
+        for seed, t in training.items()
+    }
+
+
 def mean_distances(embeddings: np.ndarray, defective: np.ndarray) -> dict[str, float]:
     """Mean Euclidean distance over distinct pairs of images: healthy-healthy, healthy-defective,
     defective-defective (NaN for a pair type with no pair)."""

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from sroc.report.figures import save_figure
-from sroc.report.tables import MEAN, METRIC_NAMES, refiner_runs, seed_statistics
+from sroc.report.tables import MEAN, METRIC_NAMES, plain_latex, refiner_runs, seed_statistics
 
 PAPER_SETUP = (
     "The paper embeds MVTec AD images resized to 380x380 (no centre crop) with EfficientNet-B4 "
@@ -109,17 +109,9 @@ def comparison_markdown(comparison: pd.DataFrame, note: str) -> str:
 
 
 def comparison_latex(comparison: pd.DataFrame, note: str) -> str:
-    lines = [f"% {note}", r"\begin{tabular}{llllrrrr}", r"\toprule",
-             r"Table & Row & Detector & Ratio (\%) & Paper & Ours & Std & Diff. \\", r"\midrule"]
-    for _, row in comparison.iterrows():
-        ratio = row["pollution_ratio"] if row["table"] == "1" else row["refinement_ratio"]
-        cells = [row["table"], row["paper_row"], row["detector"], f"{100 * ratio:g}",
-                 f"{row['paper']:.3f}", f"{row['ours']:.3f}",
-                 "" if pd.isna(row["ours_std"]) else f"{row['ours_std']:.3f}",
-                 f"{row['difference']:+.3f}"]
-        lines.append(" & ".join(str(c).replace("_", r"\_") for c in cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
+    columns = ["table", "paper_row", "detector", "pollution_ratio", "refinement_ratio", "paper",
+               "ours", "ours_std", "difference"]
+    return plain_latex(comparison[columns], note)
 
 
 def plot_comparison(comparison: pd.DataFrame, paths: Sequence[str], title: str = "") -> None:

@@ -31,6 +31,27 @@ MEAN = "mean"
 CELL_COLUMNS = ["row", "metric", "detector", "ratio", "mean", "std", "n_seeds"]
 
 
+REQUIRED_COLUMNS = [
+    "dataset", "category", "seed", "detector", "detector_type", "strategy", "refiner",
+    "pollution_ratio", "refinement_ratio", "image_auroc", "au_pro", "au_iou", "precision",
+    "recall", "f1",
+]
+
+
+def read_runs(path) -> pd.DataFrame:
+    """The results table (``runs.parquet``), checked for the columns the report reads."""
+    runs = pd.read_parquet(path)
+    missing = [column for column in REQUIRED_COLUMNS if column not in runs.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: the results table lacks column(s) {missing}; rebuild it with the "
+            "workflow's collect_runs rule"
+        )
+    if runs.empty:
+        raise ValueError(f"{path}: the results table has no run; every category was excluded?")
+    return runs
+
+
 def has_masks(runs: pd.DataFrame) -> bool:
     """Whether the dataset filled the pixel metrics (elpv, for one, has no defect masks)."""
     return bool(runs[list(PIXEL_METRICS)].notna().to_numpy().any())
@@ -160,6 +181,26 @@ def _tex(text: str) -> str:
         str(text).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%")
         .replace("&", r"\&").replace("±", r"$\pm$")
     )
+
+
+def plain_latex(frame: pd.DataFrame, note: str = "", float_format: str = ".3f") -> str:
+    """A flat table as a LaTeX tabular (numbers with ``float_format``, NaN left empty)."""
+
+    def cell(value) -> str:
+        if isinstance(value, float | np.floating):
+            return "" if np.isnan(value) else format(value, float_format)
+        return _tex(value)
+
+    lines = [
+        f"% {note}" if note else "%",
+        r"\begin{tabular}{" + "l" * frame.shape[1] + "}",
+        r"\toprule",
+        " & ".join(_tex(column) for column in frame.columns) + r" \\",
+        r"\midrule",
+    ]
+    lines += [" & ".join(cell(v) for v in row) + r" \\" for row in frame.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
 
 
 def write_paper_table(table: PaperTable, csv_path, markdown_path, latex_path) -> None:
