@@ -55,11 +55,15 @@ def table_files(stem):
 
 def report_targets():
     """Every table and figure of the report (rule all requests them)."""
-    targets = table_files("table1_pollution") + table_files("table3_embedding_distances")
+    targets = table_files("table1_pollution") + table_files(
+        "table3_embedding_distances"
+    )
     targets += table_files("paired_statistics") + table_files("paper_comparison")
     targets += figure_files("paper_comparison") + figure_files("figure6_mvg_contours")
     for metric in REPORT_METRICS:
-        targets += figure_files(f"figure{POLLUTION_FIGURES[metric]}_{metric}_vs_pollution")
+        targets += figure_files(
+            f"figure{POLLUTION_FIGURES[metric]}_{metric}_vs_pollution"
+        )
     strategies = set(REFINEMENT_STRATEGIES)
     if "sroc" in strategies:
         targets += table_files("table2_refinement")
@@ -143,7 +147,9 @@ rule table_distances:
         caches=[embedding_cache(c) for c in CATEGORIES],
         manifests=expand(manifest(), category=CATEGORIES, seed=SEEDS),
     output:
-        **paper_table_outputs("table3_embedding_distances", "table3_embedding_distances"),
+        **paper_table_outputs(
+            "table3_embedding_distances", "table3_embedding_distances"
+        ),
     log:
         f"{LOGS}/report/table3_embedding_distances.log",
     conda:
@@ -190,11 +196,11 @@ rule figure_pollution:
             category="Pollution robustness",
         ),
         pdf=f"{FIGURES}/figure{{number}}_{{metric}}_vs_pollution.pdf",
+    log:
+        f"{LOGS}/report/figure{{number}}_{{metric}}_vs_pollution.log",
     wildcard_constraints:
         number=r"\d+",
         metric="|".join(REPORT_METRICS),
-    log:
-        f"{LOGS}/report/figure{{number}}_{{metric}}_vs_pollution.log",
     conda:
         "../../envs/sroc.yaml"
     params:
@@ -215,11 +221,11 @@ rule figure_refinement:
             category="Refinement",
         ),
         pdf=f"{FIGURES}/figure{{number}}_{{metric}}_vs_refinement.pdf",
+    log:
+        f"{LOGS}/report/figure{{number}}_{{metric}}_vs_refinement.log",
     wildcard_constraints:
         number=r"\d+",
         metric="|".join(REPORT_METRICS),
-    log:
-        f"{LOGS}/report/figure{{number}}_{{metric}}_vs_refinement.log",
     conda:
         "../../envs/sroc.yaml"
     params:
@@ -240,11 +246,11 @@ rule figure_refiner:
             category="Refinement",
         ),
         pdf=f"{FIGURES}/figure{{number}}_{{metric}}_vs_refinement_by_refiner.pdf",
+    log:
+        f"{LOGS}/report/figure{{number}}_{{metric}}_vs_refinement_by_refiner.log",
     wildcard_constraints:
         number=r"\d+",
         metric="|".join(REPORT_METRICS),
-    log:
-        f"{LOGS}/report/figure{{number}}_{{metric}}_vs_refinement_by_refiner.log",
     conda:
         "../../envs/sroc.yaml"
     params:
