@@ -123,3 +123,6 @@ def all_targets():
     ]
     targets += [embedding_cache(c) for c in CATEGORIES]
     return targets
+
+
+include: "report_targets.smk"
