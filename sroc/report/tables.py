@@ -135,7 +135,7 @@ class PaperTable:
     def to_markdown(self) -> str:
         formatted = self.formatted()
         formatted.columns = [f"{d} {_percent(r)}" for d, r in formatted.columns]
-        formatted.index.name = self.ratio_label.lower() + " →"
+        formatted.index.name = f"category \\ {self.ratio_label.lower()}"
         text = formatted.reset_index().to_markdown(index=False, stralign="right") + "\n"
         return text + (f"\nNote: {self.note}\n" if self.note else "")
 
