@@ -122,9 +122,7 @@ def all_targets():
         f"{RESULTS}/tables/split_summary.md",
     ]
     targets += [embedding_cache(c) for c in CATEGORIES]
-    if DETECTORS:
-        targets += [
-            f"{RESULTS}/tables/pollution_robustness.csv",
-            f"{RESULTS}/plots/auroc_vs_pollution.png",
-        ]
     return targets
+
+
+include: "report_targets.smk"
