@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 from sklearn.exceptions import NotFittedError
 
@@ -24,6 +26,7 @@ from sroc.detectors import (
     make_detector,
     resize_maps,
     scale_sigma,
+    validate_params,
 )
 
 RTOL = 1e-5
@@ -274,25 +277,65 @@ def test_mahalanobis_scores_match_scikit_learn(train, test):
     assert_close(scores, expected)
 
 
-@pytest.mark.parametrize("cam_stage", [None, "s1"])
-def test_mahalanobis_grad_cam_matches_autograd(train, test, cam_stage):
-    detector = MahalanobisDetector(cam_stage=cam_stage).fit(train)
-    target = cam_stage or "s3"
-    leaves = {s: torch.tensor(test[s], dtype=torch.float64, requires_grad=True) for s in test}
+def backbone_chain(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A three-stage CNN (s1 -> s2 -> s3, each stage computed from the previous one) with the
+    shapes of STAGES: Grad-CAM of a shallow stage must back-propagate through the deeper ones."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [
+        torch.randn(c_out, c_in, 3, 3, generator=generator, dtype=torch.float64) / 4
+        for c_in, c_out in ((3, 6), (6, 10), (10, 12))
+    ]
+    stages, x = {}, images
+    for name, weight in zip(STAGES, weights, strict=True):
+        x = torch.tanh(F.conv2d(x, weight, padding=1, stride=1 if name == "s1" else 2))
+        if x.requires_grad:
+            x.retain_grad()
+        stages[name] = x
+    return stages
+
+
+@pytest.mark.parametrize("stages", [None, ["s1"], ["s1", "s2"]])
+def test_mahalanobis_grad_cam_matches_autograd_through_the_stage_chain(stages):
+    rng = np.random.default_rng(4)
+    train_images, test_images = (torch.from_numpy(rng.normal(size=(n, 3, 8, 8))) for n in (30, 5))
+    with torch.no_grad():
+        train = {s: a.numpy().astype(np.float32) for s, a in backbone_chain(train_images).items()}
+    test_chain = backbone_chain(test_images.requires_grad_())
+    test = {s: a.detach().numpy().astype(np.float32) for s, a in test_chain.items()}
+    used = stages or list(STAGES)
+    detector = MahalanobisDetector(stages=stages).fit(train)
     total = 0
-    for stage, leaf in leaves.items():
+    for stage in used:
         model = LedoitWolf().fit(train[stage].astype(np.float64).mean(axis=(2, 3)))
         precision = torch.from_numpy(np.linalg.inv(model.covariance_))
-        centred = leaf.mean(dim=(2, 3)) - torch.from_numpy(model.location_)
+        centred = test_chain[stage].mean(dim=(2, 3)) - torch.from_numpy(model.location_)
         total = total + torch.sqrt(torch.einsum("nc,cd,nd->n", centred, precision, centred))
     total.sum().backward()  # images are independent: each image's gradient is its own score's
-    activation = leaves[target].detach()
-    weights = leaves[target].grad.mean(dim=(2, 3))
+    target = used[-1]  # the deepest used stage
+    activation = test_chain[target].detach()
+    weights = test_chain[target].grad.mean(dim=(2, 3))
     cam = torch.relu(torch.einsum("nc,nchw->nhw", weights, activation)).numpy()
+    assert detector.cam_stage_ == target and cam.max() > 0
     assert_close(detector.grad_cam(test[target]), cam)
     _, maps = detector.score(test)
     assert_close(maps, np.array([ref_bilinear(c, 8, 8) for c in cam]))
-    assert cam.max() > 0
+    for shallower in used[:-1]:  # its gradient needs the backbone: refused
+        with pytest.raises(ValueError, match=f"cam_stage '{shallower}' is not the deepest"):
+            MahalanobisDetector(stages=stages, cam_stage=shallower).fit(train)
+
+
+@pytest.mark.parametrize("reg_covar", [0.0, 0.05])
+def test_mahalanobis_exclude_self_equals_refits_without_each_image(train, reg_covar):
+    detector = MahalanobisDetector(exclude_self=True, reg_covar=reg_covar).fit(train)
+    scores, maps = detector.score(train)
+    for i in range(12):
+        others = {s: np.delete(a, i, axis=0) for s, a in train.items()}
+        alone = {s: a[i : i + 1] for s, a in train.items()}
+        refit_scores, refit_maps = MahalanobisDetector(reg_covar=reg_covar).fit(others).score(alone)
+        assert_close(scores[i], refit_scores[0], rtol=1e-6, atol=1e-9)
+        assert_close(maps[i], refit_maps[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exclude_self"):
+        detector.score({s: a[:5] for s, a in train.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +368,20 @@ def test_padim_matches_reference(train, test, n_features):
     assert_close(maps, expected_maps)
 
 
+def test_padim_exclude_self_equals_refits_without_each_image(train):
+    detector = PaDiMDetector(n_features=9, exclude_self=True).fit(train)
+    scores, maps = detector.score(train)
+    for i in range(12):
+        others = {s: np.delete(a, i, axis=0) for s, a in train.items()}
+        alone = {s: a[i : i + 1] for s, a in train.items()}
+        # float64 reference: LedoitWolf refitted on the 11 other images at every location.
+        refit_scores, refit_maps = ref_padim(others, alone, detector.channels_)
+        assert_close(scores[i], refit_scores[0], rtol=1e-6, atol=1e-9)
+        assert_close(maps[i], refit_maps[0], rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="exclude_self"):
+        detector.score({s: a[:5] for s, a in train.items()})
+
+
 def test_padim_channel_subset_is_seeded(train):
     first = PaDiMDetector(n_features=9, random_state=7).fit(train).channels_
     again = PaDiMDetector(n_features=9, random_state=7).fit(train).channels_
@@ -341,8 +398,8 @@ def test_padim_chunked_computation_gives_the_same_result(train, test, monkeypatc
 
 
 def test_padim_memory_budget_error_names_the_numbers_and_the_fix(train, test):
-    # A budget that the 256 MB of scratch alone nearly fills.
-    detector = PaDiMDetector(max_memory_mb=detectors.base.WORKSPACE_MB + 0.1)
+    # The 64 per-location matrices alone take 0.2 MB.
+    detector = PaDiMDetector(max_memory_mb=0.1)
     with pytest.raises(ValueError, match=r"64 per-location covariances of d=28.*n_features <="):
         detector.fit(train)
     with pytest.raises(NotFittedError):  # a failed fit leaves nothing half-usable
@@ -455,18 +512,58 @@ def test_registry_and_parameter_errors():
         make_detector("spade")
     with pytest.raises(ValueError, match=r"no parameter\(s\) \['k'\]"):
         make_detector("knn", k=5)
+    for name in ("knn", "mahalanobis", "padim"):  # maps are resized and smoothed once, outside
+        with pytest.raises(ValueError, match=r"no parameter\(s\) \['map_sigma', 'map_size'\]"):
+            make_detector(name, map_size=20, map_sigma=1.5)
 
 
-@pytest.mark.parametrize("name", sorted(DETECTORS))
-def test_map_size_resizes_and_smooths_the_grid_maps(train, test, name):
-    params = {"index": "flat"} if name == "patchcore" else {}
-    scores, grid_maps = make_detector(name, **params).fit(train).score(test)
-    sized_scores, sized_maps = (
-        make_detector(name, map_size=20, map_sigma=1.5, **params).fit(train).score(test)
-    )
-    assert grid_maps.shape == (5, 8, 8) and sized_maps.shape == (5, 20, 20)
-    assert_close(sized_scores, scores, rtol=0, atol=0)
-    assert_close(sized_maps, resize_maps(grid_maps, 20, 1.5), rtol=1e-6)
+@pytest.mark.parametrize("name", ["knn", "mahalanobis", "padim"])
+def test_image_only_scoring_computes_no_map(train, test, name, monkeypatch):
+    scores, maps = make_detector(name).fit(train).score(test)
+    assert maps.shape == (5, 8, 8)
+
+    def no_maps(*args, **kwargs):
+        raise AssertionError("a map was computed")
+
+    # KNN aligns no patch (neither when fitting nor scoring), Mahalanobis runs no Grad-CAM.
+    monkeypatch.setattr(detectors.knn, "align_stages", no_maps)
+    monkeypatch.setattr(MahalanobisDetector, "_grad_cam", no_maps)
+    detector = make_detector(name).fit(train)
+    image_scores, no_map = detector.score(test, maps=False)
+    assert no_map is None and image_scores.dtype == np.float64
+    assert np.array_equal(image_scores, scores)
+    if name == "knn":  # the gallery is not held: only the GAP embeddings and the input
+        assert detector.train_features_["s1"] is train["s1"]
+        assert not any(k.startswith("train_patches") for k in vars(detector))
+
+
+@pytest.mark.parametrize("name", ["knn", "mahalanobis", "padim"])
+def test_outputs_do_not_depend_on_the_thread_count(train, test, name, monkeypatch):
+    monkeypatch.setattr(detectors.base, "WORKSPACE_MB", 0.05)  # many chunks run concurrently
+    params = {"n_features": 20} if name == "padim" else {}
+    runs = [make_detector(name, n_jobs=n_jobs, **params).fit(train) for n_jobs in (1, 2, None)]
+    for reference, other in itertools.pairwise([run.score(test) for run in runs]):
+        assert np.array_equal(reference[0], other[0]) and np.array_equal(reference[1], other[1])
+    left_out = [
+        make_detector(name, n_jobs=n_jobs, exclude_self=True, **params).fit(train).score(train)
+        for n_jobs in (1, 2)
+    ]
+    assert np.array_equal(left_out[0][0], left_out[1][0])
+    assert np.array_equal(left_out[0][1], left_out[1][1])
+
+
+def test_validate_params_names_the_entry_and_the_key():
+    validate_params("padim", {"n_features": 100, "stages": ["s1"]}, "detectors[2] (padim)")
+    for key in ("random_state", "n_jobs"):
+        with pytest.raises(ValueError, match=rf"detectors\[2\] \(padim\).*'{key}'"):
+            validate_params("padim", {key: 1}, "detectors[2] (padim)")
+    for key in ("map_size", "map_sigma"):
+        with pytest.raises(ValueError, match=rf"detectors\[0\] \(knn\).*'{key}'"):
+            validate_params("knn", {key: 20}, "detectors[0] (knn)")
+    with pytest.raises(ValueError, match=r"detectors\[1\].*'k'.*n_neighbors"):
+        validate_params("knn", {"k": 5}, "detectors[1] (knn)")
+    with pytest.raises(ValueError, match=r"detectors\[3\].*unknown detector type 'spade'"):
+        validate_params("spade", {}, "detectors[3] (spade)")
 
 
 @pytest.mark.parametrize("name", sorted(DETECTORS))
@@ -488,8 +585,8 @@ def test_memory_estimates_cover_the_fitted_state(train, test):
     shapes = {s: a.shape[1:] for s, a in train.items()}
     inputs_mb = (12 + 5) * sum(math.prod(v) for v in shapes.values()) * 4 / 2**20
     fitted = {
-        "knn": lambda d: d.train_patches_.nbytes,
-        "padim": lambda d: d.choleskys_.nbytes + d.means_.nbytes,
+        "knn": lambda d: d.train_embeddings_.nbytes,
+        "padim": lambda d: d.whitenings_.nbytes + d.means_.nbytes,
         "patchcore": lambda d: 2 * d.memory_bank_.nbytes,
         "mahalanobis": lambda d: sum(w.nbytes for w in d.choleskys_.values()),
     }

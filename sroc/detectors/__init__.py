@@ -3,9 +3,10 @@
 One module per detector (``knn``, ``mahalanobis``, ``padim``, ``patchcore``) on a common base
 (``base``), with the numerical building blocks they share (``linalg``, ``neighbours``) and the
 map post-processing (``maps``). Anomaly maps are returned on the finest grid among the stages a
-detector uses (48x48 for tf_efficientnet_lite2 at 380 px), unsmoothed, unless ``map_size`` is
-set; the evaluation brings them to ground-truth size with :func:`resize_maps` (see
-docs/detectors.md for the smoothing).
+detector uses (48x48 for tf_efficientnet_lite2 at 380 px), unsmoothed; the evaluation brings
+them to ground-truth size and smooths them once with :func:`resize_maps` (see docs/detectors.md).
+``score(features, maps=False)`` returns image scores only. :func:`validate_params` checks a
+config entry's parameters before any job runs.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "make_detector",
     "resize_maps",
     "scale_sigma",
+    "validate_params",
     "whiten",
 ]
 
@@ -60,6 +62,46 @@ def make_detector(name: str, **params) -> BaseDetector:
     return cls(**params)
 
 
+# Set by the caller, never by a config entry: the seed comes from the config's top-level
+# random_state, the threads from the job.
+_CALLER_PARAMS = {
+    "random_state": "it comes from the config's top-level random_state",
+    "n_jobs": "the workflow sets it from the job's threads",
+}
+# The evaluation resizes and smooths the detectors' grid maps once, to ground-truth size.
+_EVALUATION_PARAMS = ("map_size", "map_sigma")
+
+
+def validate_params(detector_type: str, params: Mapping[str, object], where: str) -> None:
+    """Check a config entry's detector ``params`` before any job runs; ``where`` names the
+    entry (e.g. "detectors[2] (padim)"). Raises a ValueError naming the entry and the key."""
+    if detector_type not in DETECTORS:
+        raise ValueError(
+            f"{where}: unknown detector type {detector_type!r}; choose one of {sorted(DETECTORS)}"
+        )
+    if not isinstance(params, Mapping):
+        raise ValueError(f"{where}: params must be a mapping of parameter names to values")
+    for key, reason in _CALLER_PARAMS.items():
+        if key in params:
+            raise ValueError(f"{where}: params must not set {key!r}: {reason}. Remove it")
+    for key in _EVALUATION_PARAMS:
+        if key in params:
+            raise ValueError(
+                f"{where}: params must not set {key!r}: the evaluation resizes and smooths the "
+                "maps once, at ground-truth size. Remove it"
+            )
+    valid = [
+        name
+        for name in DETECTORS[detector_type]._get_param_names()
+        if name not in _CALLER_PARAMS and name not in _EVALUATION_PARAMS
+    ]
+    for key in params:
+        if key not in valid:
+            raise ValueError(
+                f"{where}: {detector_type} has no parameter {key!r}; valid parameters: {valid}"
+            )
+
+
 def estimate_memory_mb(
     name: str,
     params: Mapping[str, object],
@@ -72,13 +114,3 @@ def estimate_memory_mb(
     float32 features, so the workflow can declare it as mem_mb."""
     return make_detector(name, **dict(params)).estimate_memory_mb(n_train, n_test, feature_shapes)
 
-
-def validate_params(detector_type: str, params: Mapping[str, object], where: str) -> None:
-    """Refuse, at config time, detector params that would fail inside a job."""
-    reserved = sorted({"random_state", "n_jobs"} & set(params))
-    if reserved:
-        raise ValueError(f"{where}: params may not set {reserved}; the workflow sets them")
-    try:
-        make_detector(detector_type, **dict(params))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: {error}") from error

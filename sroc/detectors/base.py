@@ -2,16 +2,25 @@
 
 Every detector follows scikit-learn conventions: hyper-parameters in ``__init__``, fitted state
 in attributes ending with ``_``. ``fit(features)`` takes the cached feature maps of the training
-images, ``score(features)`` returns ``(image_scores (n,) float64, maps (n, h, w) float32)``.
-``features`` is a dict ``{stage_name: array (n_images, C, H, W)}`` ordered from the finest to the
-coarsest stage. Nothing here runs the backbone.
+images, ``score(features, maps=True)`` returns ``(image_scores (n,) float64, maps (n, h, w)
+float32)``, or ``(image_scores, None)`` with ``maps=False``, computing no map. ``features`` is a
+dict ``{stage_name: array (n_images, C, H, W)}`` ordered from the finest to the coarsest stage.
+Nothing here runs the backbone.
+
+Thread-count independence: KNN, Mahalanobis and PaDiM split their work into chunks whose size
+never depends on ``n_jobs`` and run every numerical kernel (BLAS, torch) single-threaded inside
+a chunk; ``n_jobs`` only sets how many chunks run at once (:meth:`BaseDetector._run_chunks`).
+Each number is then computed by the same operations in the same order whatever the thread
+count, whereas a multi-threaded BLAS may split a reduction differently with 1 and 2 threads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -20,8 +29,6 @@ import torch.nn.functional as F
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
-
-from sroc.detectors.maps import resize_maps
 
 # Resident memory of a Python process that imported numpy, torch, faiss, scikit-learn and h5py
 # (measured: about 640 MB); added to every estimate so the workflow can declare mem_mb directly.
@@ -91,25 +98,38 @@ def _thread_limit(n_jobs: int | None) -> Iterator[None]:
         faiss.omp_set_num_threads(faiss_threads)
 
 
+def _n_workers(n_jobs: int | None) -> int:
+    """Chunks run at once: ``n_jobs``, or every CPU this process may use when None."""
+    if n_jobs is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if n_jobs < 1:
+        raise ValueError(f"n_jobs must be a positive int or None, got {n_jobs}")
+    return int(n_jobs)
+
+
+def _chunks(n_items: int, chunk: int) -> list[slice]:
+    return [slice(start, min(start + chunk, n_items)) for start in range(0, n_items, chunk)]
+
 
 class BaseDetector(BaseEstimator):
-    """Common input checking, stage selection and map post-processing.
+    """Common input checking and stage selection.
 
-    Subclasses implement ``_fit(features)`` and ``_score(features) -> (scores, maps)`` with maps
-    on the finest used grid, and ``_estimate_state_mb``.
+    Subclasses implement ``_fit(features)``, ``_score(features, maps) -> (scores, maps or
+    None)`` with maps on the finest used grid, and ``_estimate_state_mb``. A subclass that sets
+    ``_chunked = True`` runs its kernels single-threaded and parallelises over chunks with
+    :meth:`_run_chunks`; otherwise the libraries get ``n_jobs`` threads.
     """
 
     stages: Sequence[str] | None
-    map_size: int | Sequence[int] | None
-    map_sigma: float
     n_jobs: int | None
+    _chunked = False
 
     def fit(self, features: Mapping[str, np.ndarray]) -> BaseDetector:
         self._is_fitted = False  # a failed fit leaves the detector unfitted
         features = self._validate(features, fitting=True)
         if self.n_train_ < 2:
             raise ValueError(f"{type(self).__name__} needs at least 2 training images, got 1")
-        with _thread_limit(self.n_jobs):
+        with self._threads():
             self._fit(features)
         self._is_fitted = True
         return self
@@ -117,16 +137,41 @@ class BaseDetector(BaseEstimator):
     def __sklearn_is_fitted__(self) -> bool:
         return getattr(self, "_is_fitted", False)
 
-    def score(self, features: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Return image scores (n,) float64 and anomaly maps (n, h, w) float32; the maps are on
-        the finest used feature grid, or resized to ``map_size`` and smoothed by ``map_sigma``."""
+    def score(
+        self, features: Mapping[str, np.ndarray], maps: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Return image scores (n,) float64 and anomaly maps (n, h, w) float32 on the finest
+        used feature grid, unsmoothed (the evaluation resizes and smooths them once, with
+        :func:`sroc.detectors.resize_maps`). With ``maps=False`` no map is computed and the
+        maps are None."""
         check_is_fitted(self, msg=f"{type(self).__name__} is not fitted: call fit(features) first")
         features = self._validate(features, fitting=False)
-        with _thread_limit(self.n_jobs):
-            scores, maps = self._score(features)
-        if self.map_size is not None:
-            maps = resize_maps(maps, self.map_size, self.map_sigma)
-        return np.asarray(scores, dtype=np.float64), np.asarray(maps, dtype=np.float32)
+        with self._threads():
+            scores, anomaly_maps = self._score(features, bool(maps))
+        scores = np.asarray(scores, dtype=np.float64)
+        if not maps:
+            return scores, None
+        return scores, np.asarray(anomaly_maps, dtype=np.float32)
+
+    def _threads(self) -> contextlib.AbstractContextManager:
+        _n_workers(self.n_jobs)  # checks n_jobs
+        return _thread_limit(1 if self._chunked else self.n_jobs)
+
+    def _run_chunks(self, work: Callable[[slice], None], n_items: int, chunk: int) -> None:
+        """Call ``work(block)`` for consecutive blocks of ``chunk`` items, ``n_jobs`` at a time.
+
+        The blocks do not depend on ``n_jobs`` and the kernels run single-threaded, so every
+        result is bit-identical whatever the thread count; ``work`` writes its block's results
+        into preallocated arrays (numpy and torch release the GIL in their kernels)."""
+        blocks = _chunks(n_items, max(1, int(chunk)))
+        workers = min(_n_workers(self.n_jobs), len(blocks))
+        if workers <= 1:
+            for block in blocks:
+                work(block)
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(work, block) for block in blocks]:
+                future.result()
 
     def _validate(self, features: Mapping[str, np.ndarray], fitting: bool) -> dict[str, np.ndarray]:
         if not isinstance(features, Mapping) or not features:
@@ -148,13 +193,17 @@ class BaseDetector(BaseEstimator):
         for s, a in arrays.items():
             if a.ndim != 4 or a.shape[0] == 0:
                 raise ValueError(f"features[{s!r}] must have shape (n>0, C, H, W), got {a.shape}")
-            if not np.isfinite(a).all():
+            # NaN propagates through min and max and an infinity is the min or the max: two
+            # vectorised passes, no boolean copy of the features.
+            if a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
                 raise ValueError(f"features[{s!r}] contains NaN or infinite values")
         if len(set(counts.values())) != 1:
             raise ValueError(f"stages hold different numbers of images: {counts}")
         shapes = {s: a.shape[1:] for s, a in arrays.items()}
         if fitting:
             self.stages_ = stages
+            # The backbone's order, shallow to deep, for detectors that need the deepest stage.
+            self.input_stages_ = list(features)
             self.feature_shapes_ = shapes
             self.n_train_ = next(iter(counts.values()))
             grid = max(shapes.values(), key=lambda chw: chw[1] * chw[2])
@@ -174,9 +223,7 @@ class BaseDetector(BaseEstimator):
         stages = list(feature_shapes) if self.stages is None else list(self.stages)
         shapes = {s: tuple(int(v) for v in feature_shapes[s]) for s in stages}
         input_mb = (n_train + n_test) * sum(math.prod(chw) for chw in shapes.values()) * 4 / _MB
-        # Input checking makes a boolean copy of one stage at a time.
-        check_mb = max(n_train, n_test) * max(math.prod(chw) for chw in shapes.values()) / _MB
-        detector_mb = check_mb + self._estimate_state_mb(n_train, n_test, shapes)
+        detector_mb = self._estimate_state_mb(n_train, n_test, shapes)
         return INTERPRETER_OVERHEAD_MB + input_mb + detector_mb
 
     @staticmethod
@@ -197,8 +244,25 @@ class BaseDetector(BaseEstimator):
             )
 
 
-def _gap_embedding(features: Mapping[str, np.ndarray], stages: Sequence[str]) -> np.ndarray:
-    """Concatenated global-average-pooled stages, float64 (n, sum of C)."""
-    return np.concatenate([features[s].mean(axis=(2, 3), dtype=np.float64) for s in stages], 1)
+def _gap_embedding(
+    features: Mapping[str, np.ndarray],
+    stages: Sequence[str],
+    run_chunks: Callable[[Callable[[slice], None], int, int], None] | None = None,
+) -> np.ndarray:
+    """Concatenated global-average-pooled stages, float64 (n, sum of C), accumulated in float64
+    (a float32 sum of 2304 cells loses about 4 digits). ``run_chunks`` (a detector's
+    :meth:`BaseDetector._run_chunks`) pools blocks of images in parallel."""
+    n_images = next(iter(features.values())).shape[0]
+    widths = [features[s].shape[1] for s in stages]
+    offsets = np.concatenate([[0], np.cumsum(widths)])
+    pooled = np.empty((n_images, int(offsets[-1])))
 
+    def pool(block: slice) -> None:
+        for stage, start, stop in zip(stages, offsets[:-1], offsets[1:], strict=True):
+            pooled[block, start:stop] = features[stage][block].mean(axis=(2, 3), dtype=np.float64)
 
+    if run_chunks is None:
+        pool(slice(0, n_images))
+    else:
+        run_chunks(pool, n_images, _IMAGE_CHUNK)
+    return pooled

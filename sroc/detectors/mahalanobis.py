@@ -7,8 +7,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from sroc.detectors.base import _MB, BaseDetector, _upsample
-from sroc.detectors.linalg import cholesky_factors, ledoit_wolf, whiten
+from sroc.detectors.base import _MB, BaseDetector, _gap_embedding, _upsample
+from sroc.detectors.linalg import (
+    cholesky_factors,
+    leave_one_out_mahalanobis,
+    ledoit_wolf,
+    whiten,
+)
 
 
 class MahalanobisDetector(BaseDetector):
@@ -16,7 +21,7 @@ class MahalanobisDetector(BaseDetector):
 
     Image score: sum over stages of sqrt((g - mu)^T S^-1 (g - mu)), g the GAP of the stage and S
     its Ledoit-Wolf covariance. Map: Grad-CAM of that score with respect to the feature map A of
-    ``cam_stage``. Because g = mean_ij A[:, i, j], the gradient is analytic:
+    ``cam_stage``, the deepest used stage. Because g = mean_ij A[:, i, j], the gradient is analytic:
     d score / d A[c, i, j] = (S^-1 (g - mu))_c / (d * H * W) with d the stage's distance, so the
     Grad-CAM weights are alpha = S^-1 (g - mu) / (d * H * W) and the map is
     ReLU(sum_c alpha_c A[c]), bilinearly upsampled to the finest used grid.
@@ -24,10 +29,18 @@ class MahalanobisDetector(BaseDetector):
     Parameters
     ----------
     stages : stages to use, None for all stages given to fit.
-    cam_stage : stage whose feature map Grad-CAM explains; None takes the coarsest used stage
-        (Grad-CAM's choice, the last convolutional layer).
+    cam_stage : stage whose feature map Grad-CAM explains; None takes the deepest used stage
+        (the last of the fitted features' stages, Grad-CAM's last convolutional layer). Only that
+        stage is accepted: a shallower stage also feeds the deeper stages' distances through
+        backbone layers that cached features do not include, so its gradient cannot be computed
+        here.
     reg_covar : added to the covariance diagonal after shrinkage (0 = Ledoit-Wolf only).
-    map_size, map_sigma, n_jobs : as in :class:`KNNDetector`.
+    exclude_self : score() then expects the training features and scores each image against
+        the Gaussian of the other images (leave-one-out: mean, covariance and Ledoit-Wolf
+        shrinkage recomputed without it, in closed form, see
+        :func:`sroc.detectors.linalg.leave_one_out_mahalanobis`); Grad-CAM follows that
+        Gaussian. The default (False) follows the paper.
+    n_jobs : as in :class:`KNNDetector`.
     random_state : accepted so that every detector takes the same arguments; unused.
     """
 
@@ -36,50 +49,71 @@ class MahalanobisDetector(BaseDetector):
         stages: Sequence[str] | None = None,
         cam_stage: str | None = None,
         reg_covar: float = 0.0,
-        map_size: int | Sequence[int] | None = None,
-        map_sigma: float = 4.0,
+        exclude_self: bool = False,
         n_jobs: int | None = None,
         random_state: int | None = None,
     ):
         self.stages = stages
         self.cam_stage = cam_stage
         self.reg_covar = reg_covar
-        self.map_size = map_size
-        self.map_sigma = map_sigma
+        self.exclude_self = exclude_self
         self.n_jobs = n_jobs
         self.random_state = random_state
 
+    _chunked = True
+
     def _fit(self, features: dict[str, np.ndarray]) -> None:
-        if self.cam_stage is None:
-            self.cam_stage_ = min(
-                self.stages_, key=lambda s: features[s].shape[2] * features[s].shape[3]
-            )
-        elif self.cam_stage in self.stages_:
-            self.cam_stage_ = self.cam_stage
-        else:
+        deepest = [s for s in self.input_stages_ if s in self.stages_][-1]
+        if self.cam_stage is not None and self.cam_stage not in self.stages_:
             raise ValueError(f"cam_stage {self.cam_stage!r} is not a used stage: {self.stages_}")
+        if self.cam_stage not in (None, deepest):
+            raise ValueError(
+                f"cam_stage {self.cam_stage!r} is not the deepest used stage ({deepest!r}): the "
+                f"image score also depends on {self.cam_stage!r} through the backbone layers that "
+                "compute the deeper stages, which cached features do not include, so its "
+                f"Grad-CAM cannot be computed here. Use cam_stage=None (or {deepest!r}), or "
+                f"stages that end at {self.cam_stage!r}"
+            )
+        if self.exclude_self and self.n_train_ < 3:
+            raise ValueError(f"exclude_self needs at least 3 training images, got {self.n_train_}")
+        self.cam_stage_ = deepest
+        pooled = self._pooled(features)
+        self.train_embeddings_ = np.concatenate([pooled[s] for s in self.stages_], axis=1)
         self.means_, self.choleskys_, self.shrinkages_ = {}, {}, {}
         for stage in self.stages_:
-            pooled = features[stage].mean(axis=(2, 3), dtype=np.float64)
-            mean, cov, shrinkage = ledoit_wolf(pooled, self.reg_covar)
+            mean, cov, shrinkage = ledoit_wolf(pooled[stage], self.reg_covar)
             self.means_[stage] = mean
             self.choleskys_[stage] = cholesky_factors(cov, f"stage {stage!r}")
             self.shrinkages_[stage] = float(shrinkage)
 
-    def _score(self, features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _pooled(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """GAP vectors of each used stage, float64 (n, C)."""
+        embedding = _gap_embedding(features, self.stages_, self._run_chunks)
+        widths = np.cumsum([features[s].shape[1] for s in self.stages_])[:-1]
+        return dict(zip(self.stages_, np.split(embedding, widths, axis=1), strict=True))
+
+    def _score(
+        self, features: dict[str, np.ndarray], maps: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        pooled = self._pooled(features)
+        distances = self._stage_distances
+        if self.exclude_self:
+            self._check_self_scoring(np.concatenate([pooled[s] for s in self.stages_], axis=1))
+            distances = self._left_out_distances
+        per_stage = {stage: distances(pooled[stage], stage) for stage in self.stages_}
         scores = np.zeros(next(iter(features.values())).shape[0])
         for stage in self.stages_:
-            scores += self._stage_distances(features[stage], stage)[0]
-        cam = self.grad_cam(features[self.cam_stage_])
-        maps = _upsample(torch.from_numpy(cam)[:, None], self.grid_hw_, "bilinear")[:, 0].numpy()
-        return scores, maps
+            scores += per_stage[stage][0]
+        if not maps:
+            return scores, None
+        cam = self._grad_cam(features[self.cam_stage_], per_stage[self.cam_stage_][1])
+        grid = _upsample(torch.from_numpy(cam)[:, None], self.grid_hw_, "bilinear")[:, 0]
+        return scores, grid.numpy()
 
-    def _stage_distances(
-        self, feature_map: np.ndarray, stage: str
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Mahalanobis distances (n,) of the pooled features and the gradient of the distance
-        with respect to the pooled features, S^-1 (g - mu) / d, shape (n, C)."""
-        centred = feature_map.mean(axis=(2, 3), dtype=np.float64) - self.means_[stage]
+    def _stage_distances(self, pooled: np.ndarray, stage: str) -> tuple[np.ndarray, np.ndarray]:
+        """Mahalanobis distances (n,) of the pooled features (n, C) and the gradient of the
+        distance with respect to them, S^-1 (g - mu) / d, shape (n, C)."""
+        centred = pooled - self.means_[stage]
         chol = self.choleskys_[stage]
         whitened = whiten(chol, centred)
         distances = np.sqrt(np.einsum("nc,nc->n", whitened, whitened))
@@ -87,14 +121,22 @@ class MahalanobisDetector(BaseDetector):
         precision_centred = torch.linalg.solve_triangular(
             torch.from_numpy(chol.T), torch.from_numpy(whitened.T), upper=True
         ).T.numpy()
-        # A zero distance has no defined gradient; its Grad-CAM map is then zero.
-        safe = np.where(distances > 0, distances, np.inf)
-        return distances, precision_centred / safe[:, None]
+        return distances, _gradient(distances, precision_centred)
+
+    def _left_out_distances(self, pooled: np.ndarray, stage: str) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`_stage_distances`, each training image against the Gaussian of the others."""
+        sq_distances, precision_offsets = leave_one_out_mahalanobis(pooled, self.reg_covar)
+        distances = np.sqrt(np.maximum(sq_distances, 0.0))
+        return distances, _gradient(distances, precision_offsets)
 
     def grad_cam(self, feature_map: np.ndarray) -> np.ndarray:
-        """Grad-CAM maps (n, H, W) float32 on the grid of ``cam_stage_``."""
+        """Grad-CAM maps (n, H, W) float32 of the feature maps of ``cam_stage_``."""
         feature_map = np.asarray(feature_map, dtype=np.float32)
-        _, gradients = self._stage_distances(feature_map, self.cam_stage_)
+        pooled = feature_map.mean(axis=(2, 3), dtype=np.float64)
+        return self._grad_cam(feature_map, self._stage_distances(pooled, self.cam_stage_)[1])
+
+    def _grad_cam(self, feature_map: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+        """Grad-CAM maps from the gradients (n, C) of the distance w.r.t. the pooled features."""
         weights = gradients / (feature_map.shape[2] * feature_map.shape[3])
         cam = np.einsum("nc,nchw->nhw", weights, feature_map.astype(np.float64))
         return np.maximum(cam, 0.0).astype(np.float32)
@@ -105,3 +147,8 @@ class MahalanobisDetector(BaseDetector):
         return covariances + (n_train + n_test) * locations * 4 * 2 / _MB
 
 
+def _gradient(distances: np.ndarray, precision_offsets: np.ndarray) -> np.ndarray:
+    """d distance / d pooled = S^-1 (g - mu) / distance. A zero distance has no defined
+    gradient; its Grad-CAM map is then zero."""
+    safe = np.where(distances > 0, distances, np.inf)
+    return precision_offsets / safe[:, None]

@@ -67,5 +67,3 @@ def scale_sigma(
     in_h, in_w = _as_hw(input_size, "input_size")
     out_h, out_w = _as_hw(out_hw, "out_hw")
     return sigma_input_px * out_h / in_h, sigma_input_px * out_w / in_w
-
-

@@ -55,5 +55,3 @@ def _nearest_sq_distances(
         sq_distances[block] = np.take_along_axis(exact, order, axis=1)
         indices[block] = np.take_along_axis(candidates, order, axis=1)
     return sq_distances, indices
-
-

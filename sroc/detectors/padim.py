@@ -6,10 +6,19 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from sroc.detectors import base
-from sroc.detectors.base import _MB, BaseDetector
-from sroc.detectors.linalg import cholesky_factors, ledoit_wolf, whiten
+from sroc.detectors.base import _IMAGE_CHUNK, _MB, BaseDetector, _gap_embedding, _n_workers
+from sroc.detectors.linalg import (
+    inverse_cholesky,
+    leave_one_out_mahalanobis,
+    shrunk_covariance,
+)
+
+# Each chunk of locations gets this share of the scratch budget (WORKSPACE_MB), so that a few
+# chunks run at once within it; the share, not n_jobs, sets the chunks.
+_SCRATCH_SHARES = 8
 
 
 class PaDiMDetector(BaseDetector):
@@ -22,13 +31,26 @@ class PaDiMDetector(BaseDetector):
 
     Parameters
     ----------
-    n_features : number of random channels d, None keeps all (no reduction).
+    n_features : number of random channels d, None keeps all (no reduction; see
+        docs/detectors.md for the paper's setting).
     stages : stages to use, None for all stages given to fit.
     reg_covar : added to the covariance diagonal after shrinkage (PaDiM's code uses 0.01).
-    max_memory_mb : budget for the fitted per-location Cholesky factors (H*W*d^2 float32)
+    max_memory_mb : budget for the fitted per-location whitening matrices (H*W*d^2 float32)
         plus the chunked scratch space; fit raises before allocating when it is exceeded.
     random_state : seed of the channel subset.
-    map_size, map_sigma, n_jobs : as in :class:`KNNDetector`.
+    exclude_self : score() then expects the training features and scores each image against
+        the per-location Gaussians of the other images (leave-one-out, mean, covariance and
+        Ledoit-Wolf shrinkage recomputed in closed form, in float64, see
+        :func:`sroc.detectors.linalg.leave_one_out_mahalanobis`). The default (False) follows
+        the paper.
+    n_jobs : as in :class:`KNNDetector`.
+
+    Arithmetic: the per-location sums over images (Gram matrices when fitting, whitening when
+    scoring) are float32 matrix products, the dominant cost; their rounding (about 1e-7 of
+    the entries) is far below the Ledoit-Wolf shrinkage floor. Means, the shrinkage closed form,
+    the Cholesky factors and their inverses L^-1 run in float64, which costs O(H*W*d^3), little
+    next to the products, and keeps the inverse accurate for ill-conditioned covariances (d
+    close to or above the number of images). Scoring multiplies by the stored L^-1 (float32).
     """
 
     def __init__(
@@ -38,18 +60,18 @@ class PaDiMDetector(BaseDetector):
         reg_covar: float = 0.0,
         max_memory_mb: float = 4096.0,
         random_state: int | None = 0,
-        map_size: int | Sequence[int] | None = None,
-        map_sigma: float = 4.0,
+        exclude_self: bool = False,
         n_jobs: int | None = None,
     ):
+        self.exclude_self = exclude_self
         self.n_features = n_features
         self.stages = stages
         self.reg_covar = reg_covar
         self.max_memory_mb = max_memory_mb
         self.random_state = random_state
-        self.map_size = map_size
-        self.map_sigma = map_sigma
         self.n_jobs = n_jobs
+
+    _chunked = True
 
     def _dimension(self, total: int) -> int:
         if self.n_features is None:
@@ -58,16 +80,25 @@ class PaDiMDetector(BaseDetector):
             raise ValueError(f"n_features={self.n_features} must be in [1, {total}] (or None)")
         return int(self.n_features)
 
+    @staticmethod
+    def _location_bytes(dim: int, n_images: int) -> int:
+        # Per location of a chunk: the gathered samples and their centred copy (float32), the
+        # float32 Gram matrix and the float64 covariance, factor, identity and inverse.
+        return 2 * n_images * dim * 4 + dim * dim * 4 + 4 * dim * dim * 8
+
     def _chunk_locations(self, dim: int, n_images: int) -> int:
-        # float64 per location: covariance, Cholesky factor, identity and inverse (4 d^2) plus
-        # the samples and their centred copy (2 n d).
-        per_location = (4 * dim * dim + 2 * n_images * dim) * 8
-        return max(1, int(base.WORKSPACE_MB * _MB // per_location))
+        """Locations per chunk: a fixed share of the scratch budget, independent of n_jobs."""
+        chunk_bytes = base.WORKSPACE_MB * _MB / _SCRATCH_SHARES
+        return max(1, int(chunk_bytes // self._location_bytes(dim, n_images)))
 
     def _memory_mb(self, locations: int, dim: int, n_images: int) -> tuple[float, float]:
-        state = locations * (dim * dim + dim) * 4 / _MB
-        per_location = (4 * dim * dim + 2 * n_images * dim) * 8 / _MB
-        return state, max(base.WORKSPACE_MB, per_location)
+        """Fitted state and scratch: the chunks running at once and the location-major copy of
+        the selected channels (at most the features' size, as d <= D)."""
+        state = locations * (dim * dim * 4 + dim * 8) / _MB
+        chunk_locations = min(self._chunk_locations(dim, n_images), locations)
+        chunk = chunk_locations * self._location_bytes(dim, n_images)
+        workers = _n_workers(self.n_jobs)
+        return state, (workers * chunk + n_images * locations * dim * 4) / _MB
 
     def _fit(self, features: dict[str, np.ndarray]) -> None:
         locations = self.grid_hw_[0] * self.grid_hw_[1]
@@ -84,58 +115,116 @@ class PaDiMDetector(BaseDetector):
                 f"{largest} (random channel subset), use fewer or coarser stages, or raise "
                 "max_memory_mb"
             )
+        if self.exclude_self:
+            if self.n_train_ < 3:
+                raise ValueError(
+                    f"exclude_self needs at least 3 training images, got {self.n_train_}"
+                )
+            self.train_embeddings_ = _gap_embedding(features, self.stages_, self._run_chunks)
         rng = np.random.default_rng(self.random_state)
         self.channels_ = (
             np.arange(total) if dim == total else np.sort(rng.choice(total, dim, replace=False))
         )
         self.means_ = np.empty((locations, dim))
-        self.choleskys_ = np.empty((locations, dim, dim), dtype=np.float32)
+        self.whitenings_ = np.empty((locations, dim, dim), dtype=np.float32)
         self.shrinkages_ = np.empty(locations)
-        step = self._chunk_locations(dim, self.n_train_)
-        for start in range(0, locations, step):
-            block = slice(start, min(start + step, locations))
-            samples = self._location_features(features, block)  # (L, n, d)
-            mean, cov, shrinkage = ledoit_wolf(samples, self.reg_covar)
+        samples = self._location_major(features)
+        # Per-cell means of each stage, in float64, before the coarse cells are replicated.
+        cell_means = [part.mean(axis=2, dtype=np.float64) for part in samples]
+
+        def fit_block(block: slice) -> None:
+            mean = self._gather(cell_means, block)  # (L, d)
+            x = self._gather(samples, block)  # (L, d, n)
+            x -= mean[:, :, None].astype(np.float32)
+            gram = np.matmul(x, x.transpose(0, 2, 1))
+            sq_norms = np.einsum("ldn,ldn->ln", x, x).astype(np.float64)
+            cov, shrinkage = shrunk_covariance(
+                torch.from_numpy(gram) / self.n_train_,
+                torch.from_numpy((sq_norms**2).sum(-1)),
+                self.n_train_,
+                self.reg_covar,
+            )
             self.means_[block] = mean
-            self.choleskys_[block] = cholesky_factors(
+            self.whitenings_[block] = inverse_cholesky(
                 cov, f"locations {block.start}-{block.stop - 1}"
             )
-            self.shrinkages_[block] = shrinkage
+            self.shrinkages_[block] = shrinkage.numpy()
 
-    def _location_features(self, features: dict[str, np.ndarray], block: slice) -> np.ndarray:
-        """Aligned, channel-subset features of a range of flat locations: (L, n, d) float64.
+        self._run_chunks(fit_block, locations, self._chunk_locations(dim, self.n_train_))
 
-        Gathering the nearest source cell per stage avoids materialising the whole aligned
-        (n, D, H, W) array, whose size would otherwise add to the covariances'."""
+    def _location_major(self, features: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The selected channels of each stage on the stage's own grid, location-major with the
+        images last: [(h*w, c, n) float32]; copied by chunks of images, in parallel."""
+        n_images = next(iter(features.values())).shape[0]
+        out, selections, offset = [], [], 0
+        for stage in self.stages_:
+            _, channels, height, width = features[stage].shape
+            local = self.channels_[
+                (self.channels_ >= offset) & (self.channels_ < offset + channels)
+            ]
+            selections.append(local - offset)
+            offset += channels
+            out.append(np.empty((height * width, len(local), n_images), dtype=np.float32))
+
+        def copy_block(block: slice) -> None:
+            for stage, local, target in zip(self.stages_, selections, out, strict=True):
+                part = features[stage][block][:, local]
+                target[:, :, block] = part.reshape(part.shape[0], len(local), -1).transpose(2, 1, 0)
+
+        self._run_chunks(copy_block, n_images, _IMAGE_CHUNK)
+        return out
+
+    def _gather(self, parts: list[np.ndarray], block: slice) -> np.ndarray:
+        """Aligned values of a range of flat locations of the finest grid from per-stage arrays
+        indexed by the stage's cells (first axis), concatenated along the channel axis (second):
+        each location takes its stage's nearest cell (PaDiM's embedding_concat replicates
+        coarse cells)."""
         height, width = self.grid_hw_
         flat = np.arange(block.start, block.stop)
         rows, cols = flat // width, flat % width
-        parts = []
-        for stage in self.stages_:
-            stage_h, stage_w = features[stage].shape[2:]
-            parts.append(
-                features[stage][:, :, (rows * stage_h) // height, (cols * stage_w) // width]
+        gathered = []
+        for stage, part in zip(self.stages_, parts, strict=True):
+            stage_h, stage_w = self.feature_shapes_[stage][1:]
+            gathered.append(
+                part[((rows * stage_h) // height) * stage_w + (cols * stage_w) // width]
             )
-        stacked = np.concatenate(parts, axis=1)[:, self.channels_]  # (n, d, L)
-        return stacked.transpose(2, 0, 1).astype(np.float64)
+        return np.concatenate(gathered, axis=1)
 
-    def _score(self, features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _score(
+        self, features: dict[str, np.ndarray], maps: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         n_images = next(iter(features.values())).shape[0]
         locations = self.grid_hw_[0] * self.grid_hw_[1]
-        distances = np.empty((locations, n_images))
-        step = self._chunk_locations(len(self.channels_), n_images)
-        for start in range(0, locations, step):
-            block = slice(start, min(start + step, locations))
-            centred = self._location_features(features, block) - self.means_[block, None, :]
-            whitened = whiten(self.choleskys_[block], centred.astype(np.float32))
-            distances[block] = np.sqrt(np.einsum("lnd,lnd->ln", whitened, whitened))
-        maps = distances.T.reshape(n_images, *self.grid_hw_)
-        return maps.max(axis=(1, 2)), maps
+        if self.exclude_self:
+            self._check_self_scoring(_gap_embedding(features, self.stages_, self._run_chunks))
+        samples = self._location_major(features)
+        distances = np.empty((locations, n_images), dtype=np.float32)
+
+        def left_out_block(block: slice) -> None:
+            x = self._gather(samples, block).transpose(0, 2, 1)  # (L, n, d)
+            sq_distances, _ = leave_one_out_mahalanobis(x, self.reg_covar)
+            distances[block] = np.sqrt(np.maximum(sq_distances, 0.0))
+
+        def score_block(block: slice) -> None:
+            x = self._gather(samples, block)  # (L, d, n)
+            x -= self.means_[block, :, None].astype(np.float32)
+            whitened = np.matmul(self.whitenings_[block], x)
+            distances[block] = np.sqrt(np.einsum("ldn,ldn->ln", whitened, whitened))
+
+        chunk = self._chunk_locations(len(self.channels_), n_images)
+        if self.exclude_self:
+            # float64 samples, projections and eigenvectors: about 3x a chunk's usual scratch.
+            self._run_chunks(left_out_block, locations, max(1, chunk // 3))
+        else:
+            self._run_chunks(score_block, locations, chunk)
+        scores = distances.max(axis=0).astype(np.float64)
+        if not maps:
+            return scores, None
+        return scores, np.ascontiguousarray(distances.T).reshape(n_images, *self.grid_hw_)
 
     def _estimate_state_mb(self, n_train, n_test, shapes):
         locations, total = self._grid_and_dim(shapes)
         dim = total if self.n_features is None else min(int(self.n_features), total)
         state, workspace = self._memory_mb(locations, dim, max(n_train, n_test))
-        return state + workspace + n_test * locations * 8 / _MB
-
-
+        # Distances (float32) and the maps, their transposed copy.
+        return state + workspace + 2 * n_test * locations * 4 / _MB

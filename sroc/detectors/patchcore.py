@@ -273,7 +273,7 @@ class PatchCoreDetector(BaseDetector):
         order = np.argsort(sq, axis=1, kind="stable")
         return np.take_along_axis(sq, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
-    def _score(self, features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _score(self, features: dict[str, np.ndarray], maps=True) -> tuple[np.ndarray, np.ndarray]:
         n_images = next(iter(features.values())).shape[0]
         if self.exclude_self:
             self._check_self_scoring(_gap_embedding(features, self.stages_))

@@ -213,5 +213,8 @@ def all_targets():
     ]
     targets += [embedding_cache(c) for c in CATEGORIES]
     if DETECTORS:
-        targets += [f"{RESULTS}/runs.parquet", f"{RESULTS}/runs.csv"]
+        targets += [f"{RESULTS}/runs.parquet", f"{RESULTS}/runs.csv", *report_targets()]
     return targets
+
+
+include: "report_targets.smk"

@@ -1,0 +1,13 @@
+"""Rule paired_statistics: mean paired differences across seeds with t confidence intervals."""
+
+from sroc import report
+from sroc.io import write_text_atomic
+from sroc.logs import rule_logging
+from sroc.report import stats, tables
+
+with rule_logging(snakemake.log[0]):
+    runs = tables.read_runs(snakemake.input.runs)
+    params = snakemake.params
+    table = stats.paired_statistics(runs, params.metric, params.refiner)
+    report.write_table(table, snakemake.output.csv, snakemake.output.markdown)
+    write_text_atomic(snakemake.output.latex, tables.plain_latex(table))

@@ -1,0 +1,316 @@
+"""Training-set refinement: rank the images of a polluted training set, most anomalous first.
+
+Every strategy returns a :class:`Ranking`: a score for each training image (higher = more
+anomalous) and the order in which images are removed. One ranking serves every refinement
+ratio: removing a fraction r of N images removes the first ``n_removed(N, r)`` of the order,
+rounded like the pollution splits so that precision equals recall at r = p. Ties in scores are
+broken by image id ascending, so the removal order is deterministic.
+
+Strategies (sections 3.2 and 4.5 of the SROC paper, and extensions):
+
+- ``sroc``: fit on all N images, score the same N (self-scoring).
+- ``random``: remove in a seeded random order.
+- ``cross_validation``: s disjoint folds; fit on s-1 folds, score the held-out one, so every
+  image is scored once, by a model that never saw it.
+- ``stoc``: fit one model per fold, score every image with all s models and average (STOC, not
+  iterated since the features are frozen).
+- ``iterative_sroc``: SROC repeated: remove part of the target, refit on what remains, re-score.
+- ``consensus``: average of the rank positions of several rankings (e.g. several detectors').
+
+A *detector factory* is a zero-argument callable returning a fresh, unfitted detector
+(``sroc.detectors``); rankings only need image scores, so detectors score with ``maps=False``.
+Cross-validation and STOC score images a model was not fitted on, so their factories must not
+set ``exclude_self``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sroc.detectors import BaseDetector
+from sroc.splits import round_half_up
+
+DetectorFactory = Callable[[], BaseDetector]
+Features = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Scores (N,) float64, higher = more anomalous, and the removal order (N,) int64: positions
+    into the training set, most anomalous first. ``n_fits`` detectors were fitted, taking
+    ``fit_seconds`` in all; scoring took ``score_seconds``."""
+
+    strategy: str
+    scores: np.ndarray
+    order: np.ndarray
+    n_fits: int
+    fit_seconds: float
+    score_seconds: float
+
+    def __post_init__(self) -> None:
+        n = len(self.scores)
+        if self.scores.shape != (n,) or self.order.shape != (n,):
+            raise ValueError(
+                f"ranking {self.strategy!r}: scores {self.scores.shape} and order "
+                f"{self.order.shape} must both have shape (N,)"
+            )
+        if not np.array_equal(np.sort(self.order), np.arange(n)):
+            raise ValueError(f"ranking {self.strategy!r}: order is not a permutation of 0..{n - 1}")
+
+
+def n_removed(n_train: int, ratio: float) -> int:
+    """Number of images a refinement ratio removes from ``n_train``: round(ratio * n_train),
+    halves rounded up, the rounding of the pollution splits (so that at r = p as many images are
+    removed as were injected)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"refinement ratio must lie in [0, 1), got {ratio}")
+    count = round_half_up(ratio * n_train)
+    if count >= n_train:
+        raise ValueError(
+            f"refinement ratio {ratio} would remove all {n_train} training images; "
+            "choose a smaller ratio"
+        )
+    return count
+
+
+def removed_positions(ranking: Ranking, ratio: float) -> np.ndarray:
+    """Positions removed at ``ratio``, in removal order (most anomalous first)."""
+    return ranking.order[: n_removed(len(ranking.order), ratio)]
+
+
+def kept_positions(ranking: Ranking, ratio: float) -> np.ndarray:
+    """Positions kept at ``ratio``, ascending, so the refined set keeps the training order."""
+    return np.sort(ranking.order[n_removed(len(ranking.order), ratio) :])
+
+
+def removal_order(scores: np.ndarray, image_ids: Sequence[str]) -> np.ndarray:
+    """Positions sorted by score descending, ties broken by image id ascending (int64)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    ids = _check_ids(image_ids, len(scores))
+    if not np.isfinite(scores).all():
+        bad = ids[~np.isfinite(scores)]
+        raise ValueError(f"scores must be finite; not finite for images {bad[:10].tolist()}")
+    id_rank = np.empty(len(ids), dtype=np.int64)
+    id_rank[np.argsort(ids, kind="stable")] = np.arange(len(ids))
+    # lexsort sorts by its last key first.
+    return np.lexsort((id_rank, -scores)).astype(np.int64)
+
+
+def fold_assignment(n_train: int, n_folds: int, rng_seed: int) -> np.ndarray:
+    """Fold (0..n_folds-1) of each of ``n_train`` images: a seeded random partition whose fold
+    sizes differ by at most one."""
+    if not 2 <= n_folds <= n_train:
+        raise ValueError(
+            f"n_folds must lie between 2 and the number of training images ({n_train}), "
+            f"got {n_folds}"
+        )
+    folds = np.empty(n_train, dtype=np.int64)
+    folds[np.random.default_rng(rng_seed).permutation(n_train)] = np.arange(n_train) % n_folds
+    return folds
+
+
+def sroc_ranking(
+    features: Features,
+    image_ids: Sequence[str],
+    factory: DetectorFactory,
+    fitted: BaseDetector | None = None,
+) -> Ranking:
+    """SROC (section 3.2): fit a detector on all N training images and score the same images.
+
+    ``fitted`` is a detector already fitted on exactly these ``features`` (e.g. the model of the
+    robustness curve at this pollution ratio); it is reused instead of fitting a new one.
+    """
+    n = len(_check_inputs(features, image_ids))
+    fit_seconds, n_fits = 0.0, 0
+    if fitted is None:
+        fitted, fit_seconds = _fit(factory, features)
+        n_fits = 1
+    elif fitted.n_train_ != n:
+        raise ValueError(
+            f"the fitted detector was fitted on {fitted.n_train_} images, not on these {n}: "
+            "pass the detector fitted on this training set, or fitted=None"
+        )
+    scores, score_seconds = _score(fitted, features)
+    return Ranking(
+        "sroc", scores, removal_order(scores, image_ids), n_fits, fit_seconds, score_seconds
+    )
+
+
+def random_ranking(image_ids: Sequence[str], rng_seed: int) -> Ranking:
+    """Seeded random removal order; the scores are the uniform draws that order it."""
+    ids = _check_ids(image_ids, None)
+    scores = np.random.default_rng(rng_seed).random(len(ids))
+    return Ranking("random", scores, removal_order(scores, ids), 0, 0.0, 0.0)
+
+
+def cross_validation_ranking(
+    features: Features,
+    image_ids: Sequence[str],
+    factory: DetectorFactory,
+    n_folds: int = 5,
+    rng_seed: int = 0,
+) -> Ranking:
+    """Cross-validation (section 4.5): fit on n_folds - 1 folds and score the held-out fold, for
+    every fold, so each image is scored once by a model that was not fitted on it."""
+    n = len(_check_inputs(features, image_ids))
+    folds = fold_assignment(n, n_folds, rng_seed)
+    scores = np.empty(n, dtype=np.float64)
+    fit_seconds = score_seconds = 0.0
+    for fold in range(n_folds):
+        held_out = np.flatnonzero(folds == fold)
+        detector, seconds = _fit(factory, _subset(features, np.flatnonzero(folds != fold)))
+        fit_seconds += seconds
+        scores[held_out], seconds = _score(detector, _subset(features, held_out))
+        score_seconds += seconds
+    return Ranking(
+        "cross_validation",
+        scores,
+        removal_order(scores, image_ids),
+        n_folds,
+        fit_seconds,
+        score_seconds,
+    )
+
+
+def stoc_ranking(
+    features: Features,
+    image_ids: Sequence[str],
+    factory: DetectorFactory,
+    n_folds: int = 5,
+    rng_seed: int = 0,
+) -> Ranking:
+    """STOC-style (section 4.5): fit one model on each fold, score all N images with each of the
+    n_folds models and average the scores. Not iterated: the features are frozen."""
+    n = len(_check_inputs(features, image_ids))
+    folds = fold_assignment(n, n_folds, rng_seed)
+    total = np.zeros(n, dtype=np.float64)
+    fit_seconds = score_seconds = 0.0
+    for fold in range(n_folds):
+        detector, seconds = _fit(factory, _subset(features, np.flatnonzero(folds == fold)))
+        fit_seconds += seconds
+        scores, seconds = _score(detector, features)
+        total += scores
+        score_seconds += seconds
+    scores = total / n_folds
+    return Ranking(
+        "stoc", scores, removal_order(scores, image_ids), n_folds, fit_seconds, score_seconds
+    )
+
+
+def iterative_sroc_ranking(
+    features: Features,
+    image_ids: Sequence[str],
+    factory: DetectorFactory,
+    ratio: float,
+    n_steps: int,
+) -> Ranking:
+    """SROC in ``n_steps`` steps: each step fits on the images still kept, scores them and
+    removes the highest, until n_removed(N, ratio) are removed (after step t, the round-half-up
+    of t / n_steps of the target; steps that would remove nothing are skipped).
+
+    The order lists the removed images in removal order, then the kept ones by their last score;
+    an image's score is the one it had when it was removed, or its last one if kept. One step is
+    SROC. The ranking depends on ``ratio``: ratios above it continue with the last scores.
+    """
+    ids = _check_inputs(features, image_ids)
+    n = len(ids)
+    if not isinstance(n_steps, int | np.integer) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
+    target = n_removed(n, ratio)
+    cumulative = [round_half_up(step * target / n_steps) for step in range(1, n_steps + 1)]
+    # One fit per distinct count; a single fit scores everything when nothing is removed.
+    cumulative = sorted(set(cumulative) - {0}) or [0]
+    scores = np.empty(n, dtype=np.float64)
+    kept = np.arange(n)
+    removed: list[np.ndarray] = []
+    fit_seconds = score_seconds = 0.0
+    for count in cumulative:
+        kept_features = _subset(features, kept)
+        detector, seconds = _fit(factory, kept_features)
+        fit_seconds += seconds
+        scores[kept], seconds = _score(detector, kept_features)
+        score_seconds += seconds
+        step_order = kept[removal_order(scores[kept], ids[kept])]
+        n_now = count - (n - len(kept))
+        removed.append(step_order[:n_now])
+        kept = np.sort(step_order[n_now:])
+    order = np.concatenate([*removed, kept[removal_order(scores[kept], ids[kept])]])
+    return Ranking("iterative_sroc", scores, order, len(cumulative), fit_seconds, score_seconds)
+
+
+def consensus_ranking(rankings: Sequence[Ranking], image_ids: Sequence[str]) -> Ranking:
+    """Consensus of several rankings of the same training set (e.g. several detectors' SROC
+    self-scores): images ordered by their mean rank position, ties broken by image id.
+
+    The score is N - 1 minus the mean position, so higher is still more anomalous. Fits and
+    seconds are summed over the rankings.
+    """
+    if not rankings:
+        raise ValueError("consensus_ranking needs at least one ranking")
+    n = len(rankings[0].order)
+    if len({len(r.order) for r in rankings}) != 1:
+        sizes = [f"{r.strategy}: {len(r.order)}" for r in rankings]
+        raise ValueError(f"rankings cover different numbers of images: {sizes}")
+    _check_ids(image_ids, n)
+    positions = np.zeros(n, dtype=np.float64)
+    for ranking in rankings:
+        positions[ranking.order] += np.arange(n)
+    scores = (n - 1) - positions / len(rankings)
+    return Ranking(
+        "consensus",
+        scores,
+        removal_order(scores, image_ids),
+        sum(r.n_fits for r in rankings),
+        sum(r.fit_seconds for r in rankings),
+        sum(r.score_seconds for r in rankings),
+    )
+
+
+def _check_ids(image_ids: Sequence[str], n: int | None) -> np.ndarray:
+    """The ids as a 1-D str array, checked: one unique string per image."""
+    ids = np.asarray(image_ids)
+    if ids.ndim != 1 or len(ids) == 0:
+        raise ValueError(
+            f"image_ids must be a non-empty 1-D sequence of str, got shape {ids.shape}"
+        )
+    if ids.dtype.kind == "O" and all(isinstance(i, str) for i in ids):
+        ids = ids.astype(str)  # e.g. a pandas column of str
+    if ids.dtype.kind != "U":
+        raise ValueError(f"image_ids must be strings (ids sort as text), got dtype {ids.dtype}")
+    if n is not None and len(ids) != n:
+        raise ValueError(f"got {len(ids)} image_ids for {n} images: give one id per image")
+    unique, counts = np.unique(ids, return_counts=True)
+    if len(unique) != len(ids):
+        raise ValueError(f"image_ids repeat: {unique[counts > 1][:10].tolist()}")
+    return ids
+
+
+def _check_inputs(features: Features, image_ids: Sequence[str]) -> np.ndarray:
+    """The checked ids, after checking that every stage and the ids agree on the number N of
+    training images."""
+    if not isinstance(features, Mapping) or not features:
+        raise ValueError("features must be a non-empty dict {stage_name: (N, C, H, W) array}")
+    counts = {stage: len(array) for stage, array in features.items()}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"feature stages hold different numbers of images: {counts}")
+    return _check_ids(image_ids, next(iter(counts.values())))
+
+
+def _subset(features: Features, positions: np.ndarray) -> dict[str, np.ndarray]:
+    return {stage: array[positions] for stage, array in features.items()}
+
+
+def _fit(factory: DetectorFactory, features: Features) -> tuple[BaseDetector, float]:
+    start = time.perf_counter()
+    detector = factory().fit(features)
+    return detector, time.perf_counter() - start
+
+
+def _score(detector: BaseDetector, features: Features) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    scores, _ = detector.score(features, maps=False)
+    return np.asarray(scores, dtype=np.float64), time.perf_counter() - start

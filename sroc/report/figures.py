@@ -1,0 +1,155 @@
+"""Figures 3-5 and 7-13 of the paper from the results table, with seaborn.
+
+Every curve is the mean over seeds of the metric averaged over categories; the band is the
+standard deviation over seeds. Each figure is saved as PNG (for the HTML report) and PDF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from sroc.io import atomic_path  # noqa: E402
+from sroc.report.tables import MEAN, refiner_runs, seed_values  # noqa: E402
+
+AXIS_LABELS = {
+    "image_auroc": "image AUROC (%)",
+    "au_iou": "AU-IoU (area under the IoU curve)",
+    "au_pro": "AU-PRO (area under the PRO curve)",
+    "precision": "refinement precision (%)",
+    "recall": "refinement recall (%)",
+    "f1": "refinement F1 (%)",
+}
+PERCENT = ("image_auroc", "precision", "recall", "f1")
+STRATEGY_NAMES = {
+    "sroc": "SROC",
+    "random": "random",
+    "cross_validation": "cross-validation",
+    "stoc": "STOC",
+    "by_refiner": "SROC ranked by the refiner",
+}
+POLLUTION_AXIS = "pollution of the training set (%)"
+REFINEMENT_AXIS = "share of the training set removed by refinement (%)"
+ORACLE_NOTE = "dashed: oracle (fitted on the healthy part only)"
+
+
+def save_figure(figure: plt.Figure, paths: Sequence[str]) -> None:
+    """Write ``figure`` to every path (format from the extension), atomically; close it."""
+    for path in paths:
+        with atomic_path(path, suffix="." + str(path).rsplit(".", 1)[-1]) as tmp:
+            figure.savefig(tmp, dpi=150, bbox_inches="tight")
+    plt.close(figure)
+
+
+def category_means(runs: pd.DataFrame, metric: str, by: Sequence[str]) -> pd.DataFrame:
+    """Per ``by`` and seed, ``metric`` averaged over categories, in the plotted units."""
+    values = seed_values(runs, metric, by)
+    values = values[values["category"] == MEAN].copy()
+    if metric in PERCENT:
+        values[metric] *= 100
+    return values
+
+
+def _palette(detectors: Sequence[str]) -> dict:
+    return dict(zip(detectors, sns.color_palette(n_colors=len(detectors)), strict=True))
+
+
+def _lines(axis, data: pd.DataFrame, x: str, metric: str, hue: str, palette: dict) -> None:
+    data = data.assign(**{x: 100 * data[x]})
+    sns.lineplot(
+        data=data,
+        x=x,
+        y=metric,
+        hue=hue,
+        hue_order=list(palette),
+        palette=palette,
+        marker="o",
+        errorbar="sd",
+        ax=axis,
+    )
+
+
+def _oracle_lines(axis, runs: pd.DataFrame, metric: str, palette: dict) -> bool:
+    """Dashed horizontal lines: each detector fitted on the healthy part of the training set."""
+    oracle = runs[runs["strategy"] == "oracle"]
+    if oracle.empty:
+        return False
+    means = category_means(oracle, metric, ["detector"]).groupby("detector")[metric].mean()
+    for detector, value in means.items():
+        if detector in palette and np.isfinite(value):
+            axis.axhline(value, color=palette[detector], linestyle="--", linewidth=1.2)
+    return True
+
+
+def plot_pollution_curve(runs: pd.DataFrame, metric: str, paths: Sequence[str], title: str = ""):
+    """Figures 3, 7, 8: ``metric`` against the pollution ratio, one line per detector."""
+    curve = runs[runs["strategy"] == "none"]
+    palette = _palette(list(curve["detector"].unique()))
+    figure, axis = plt.subplots(figsize=(6, 4))
+    _lines(axis, category_means(curve, metric, ["detector", "pollution_ratio"]),
+           "pollution_ratio", metric, "detector", palette)
+    axis.set(xlabel=POLLUTION_AXIS, ylabel=AXIS_LABELS[metric], title=title)
+    axis.grid(alpha=0.3)
+    save_figure(figure, paths)
+
+
+def plot_refinement_curve(
+    runs: pd.DataFrame, metric: str, paths: Sequence[str], strategy: str = "sroc",
+    refiner: str | None = None, title: str = "",
+):
+    """Figures 4, 9, 10 (``strategy`` sroc) and 11-13 (``refiner`` set: every detector fitted
+    on the set refined by the refiner's ranking): ``metric`` against the refinement ratio, one
+    line per detector, the oracle dashed."""
+    if refiner is None:
+        refined = runs[runs["strategy"] == strategy]
+    else:
+        refined, _ = refiner_runs(runs, refiner)
+    if refined.empty:
+        raise ValueError(f"no run with strategy {strategy!r} (refiner {refiner!r}) to plot")
+    palette = _palette(list(runs.loc[runs["strategy"] != "none", "detector"].unique()))
+    figure, axis = plt.subplots(figsize=(6, 4))
+    _lines(axis, category_means(refined, metric, ["detector", "refinement_ratio"]),
+           "refinement_ratio", metric, "detector", palette)
+    has_oracle = _oracle_lines(axis, runs, metric, palette)
+    axis.set(xlabel=REFINEMENT_AXIS, ylabel=AXIS_LABELS[metric], title=title)
+    if has_oracle:
+        axis.text(0.01, 0.01, ORACLE_NOTE, transform=axis.transAxes, fontsize=7, va="bottom")
+    axis.grid(alpha=0.3)
+    save_figure(figure, paths)
+
+
+def plot_strategies(
+    runs: pd.DataFrame, metric: str, paths: Sequence[str],
+    strategies: Sequence[str] = ("sroc", "random", "cross_validation", "stoc"),
+):
+    """Figure 5: one panel per detector, ``metric`` against the refinement ratio for each
+    refinement strategy, the oracle dashed."""
+    refined = runs[runs["strategy"].isin(strategies)]
+    detectors = list(refined["detector"].unique())
+    present = [s for s in strategies if s in set(refined["strategy"])]
+    colours = _palette([STRATEGY_NAMES.get(s, s) for s in present])
+    n_columns = min(len(detectors), 2)
+    n_rows = int(np.ceil(len(detectors) / n_columns))
+    figure, axes = plt.subplots(
+        n_rows, n_columns, figsize=(5.5 * n_columns, 3.8 * n_rows), squeeze=False, sharex=True
+    )
+    means = category_means(refined, metric, ["detector", "strategy", "refinement_ratio"])
+    means["strategy"] = means["strategy"].map(lambda s: STRATEGY_NAMES.get(s, s))
+    for axis, detector in zip(axes.flat, detectors, strict=False):
+        _lines(axis, means[means["detector"] == detector], "refinement_ratio", metric,
+               "strategy", colours)
+        if _oracle_lines(axis, runs[runs["detector"] == detector], metric, {detector: "black"}):
+            axis.text(0.01, 0.01, ORACLE_NOTE, transform=axis.transAxes, fontsize=7)
+        axis.set(title=detector, xlabel=REFINEMENT_AXIS, ylabel=AXIS_LABELS[metric])
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(detectors):]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    save_figure(figure, paths)

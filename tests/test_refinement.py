@@ -1,0 +1,441 @@
+"""Refinement strategies against independent references: brute-force refits, explicit loops,
+and exact rounding with decimals, on small synthetic features with planted polluted images."""
+
+from __future__ import annotations
+
+import inspect
+from decimal import ROUND_HALF_UP, Decimal
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sroc.detectors import BaseDetector, make_detector
+from sroc.metrics import refinement_scores
+from sroc.refinement import (
+    Ranking,
+    consensus_ranking,
+    cross_validation_ranking,
+    fold_assignment,
+    iterative_sroc_ranking,
+    kept_positions,
+    n_removed,
+    random_ranking,
+    removal_order,
+    removed_positions,
+    sroc_ranking,
+    stoc_ranking,
+)
+from sroc.splits import n_injected
+
+STAGES = {"s1": (6, 8, 8), "s2": (10, 4, 4)}
+N_TRAIN, POLLUTION = 50, 0.2
+# Defect strength (in units of the noise): SROC with Mahalanobis then finds 98 % of the polluted
+# images on average over 30 seeds (90 % at worst), with KNN 96 %: detectable but not trivial.
+DEFECT = 2.5
+# Small settings so that every detector fits a fold of 10 images in milliseconds.
+DETECTOR_PARAMS = {
+    "knn": {"n_neighbors": 3},
+    "mahalanobis": {},
+    "padim": {"n_features": 8},
+    "patchcore": {"index": "flat"},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# TEMPORARY SHIM, tests only: the detectors helper is adding BaseDetector.score(features, maps).
+# Until that lands, wrap detectors so that score(features, maps=False) works; once score() takes
+# `maps`, the real detectors are used unwrapped and this block can be deleted.
+# ---------------------------------------------------------------------------------------------
+SCORE_TAKES_MAPS = "maps" in inspect.signature(BaseDetector.score).parameters
+
+
+class _MapsKeywordShim:
+    def __init__(self, detector: BaseDetector):
+        self.detector = detector
+
+    def fit(self, features):
+        self.detector.fit(features)
+        return self
+
+    def score(self, features, maps=True):
+        scores, image_maps = self.detector.score(features)
+        return scores, image_maps if maps else None
+
+    def __getattr__(self, name):
+        return getattr(self.detector, name)
+
+
+def detector(name: str, **params):
+    made = make_detector(name, **{**DETECTOR_PARAMS[name], **params})
+    return made if SCORE_TAKES_MAPS else _MapsKeywordShim(made)
+
+
+# --------------------------------------------------------------------------- end of the shim
+
+
+def factory(name: str, **params):
+    return lambda: detector(name, **params)
+
+
+def polluted_features(seed: int, n: int = N_TRAIN, ratio: float = POLLUTION):
+    """Gaussian feature maps with anisotropic channels; the first n_injected(n, ratio) images
+    carry a defect: a strong random channel direction added on a random 3x3 (s1) / 2x2 (s2)
+    region, a different direction and place for each, as defects of mixed types. Image ids are
+    shuffled so that id order and position order differ."""
+    rng = np.random.default_rng(seed)
+    features = {
+        name: (
+            rng.normal(size=(1, c, 1, 1))
+            + rng.uniform(0.5, 2.0, (1, c, 1, 1)) * rng.normal(size=(n, c, h, w))
+        ).astype(np.float32)
+        for name, (c, h, w) in STAGES.items()
+    }
+    n_polluted = n_injected(n, ratio)
+    for image in range(n_polluted):
+        y, x = rng.integers(0, 6, size=2)
+        direction = rng.normal(size=6)
+        features["s1"][image, :, y : y + 3, x : x + 3] += DEFECT * direction[:, None, None]
+        direction = rng.normal(size=10)
+        features["s2"][image, :, y // 2 : y // 2 + 2, x // 2 : x // 2 + 2] += (
+            DEFECT * direction[:, None, None]
+        )
+    ids = np.array([f"img{i:03d}" for i in rng.permutation(n)])
+    return features, ids, ids[:n_polluted]
+
+
+def subset(features, positions):
+    return {stage: array[np.sort(positions)] for stage, array in features.items()}
+
+
+def reference_order(scores, ids):
+    """Highest score first, equal scores by id, by Python's sort on (-score, id) pairs."""
+    return np.array(sorted(range(len(scores)), key=lambda i: (-scores[i], ids[i])))
+
+
+class Recording:
+    """A real detector that logs which training images it was fitted on and which it scored,
+    identified by their feature bytes."""
+
+    def __init__(self, name: str, features, log: list):
+        self.detector = detector(name)
+        self.position = {features["s1"][i].tobytes(): i for i in range(len(features["s1"]))}
+        self.log = log
+
+    def positions(self, features):
+        return {self.position[image.tobytes()] for image in features["s1"]}
+
+    def fit(self, features):
+        self.fitted = self.positions(features)
+        self.detector.fit(features)
+        return self
+
+    def score(self, features, maps=True):
+        self.log.append((self.fitted, self.positions(features)))
+        return self.detector.score(features, maps=maps)
+
+
+@pytest.fixture(scope="module")
+def polluted():
+    return polluted_features(seed=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Removal counts and tie-breaking
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_train", [1, 7, 10, 15, 30, 33, 50, 209])
+@pytest.mark.parametrize("ratio", [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.45, 0.8])
+def test_n_removed_rounds_half_up_like_the_splits(n_train, ratio):
+    exact = int((Decimal(str(ratio)) * n_train).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    if exact >= n_train:
+        with pytest.raises(ValueError, match="would remove all"):
+            n_removed(n_train, ratio)
+    else:
+        assert n_removed(n_train, ratio) == exact == n_injected(n_train, ratio)
+
+
+@pytest.mark.parametrize("n_train", [10, 15, 33, 50])
+def test_precision_equals_recall_when_the_ratio_is_the_pollution_ratio(n_train):
+    ids = np.array([f"im{i}" for i in range(n_train)])
+    for p in (0.05, 0.1, 0.15, 0.2):
+        polluted = ids[: n_injected(n_train, p)]
+        for seed in range(5):
+            ranking = random_ranking(ids, rng_seed=seed)
+            scores = refinement_scores(ids[removed_positions(ranking, p)], polluted)
+            assert scores["precision"] == scores["recall"]
+
+
+def test_removed_and_kept_positions_split_the_order():
+    ids = np.array(["b", "e", "a", "d", "c"])
+    ranking = random_ranking(ids, rng_seed=1)
+    removed, kept = removed_positions(ranking, 0.5), kept_positions(ranking, 0.5)
+    assert list(removed) == list(ranking.order[:3])  # round(2.5) = 3
+    assert list(kept) == sorted(ranking.order[3:])
+    assert len(removed_positions(ranking, 0.0)) == 0 and len(kept_positions(ranking, 0)) == 5
+
+
+def test_ties_are_broken_by_image_id_ascending():
+    scores = np.array([1.0, 2.0, 2.0, 0.0, 2.0, 1.0])
+    ids = np.array(["f", "c", "a", "b", "e", "d"])
+    assert list(removal_order(scores, ids)) == [2, 1, 4, 5, 0, 3]
+    assert list(removal_order(scores, ids)) == list(reference_order(scores, ids))
+    # Text order, not numeric: "img10" sorts before "img9".
+    assert list(removal_order(np.zeros(2), ["img9", "img10"])) == [1, 0]
+    # A pandas column of str (object dtype) is accepted.
+    assert list(removal_order(scores, pd.Series(ids).to_numpy())) == [2, 1, 4, 5, 0, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sroc_scores_the_training_set_with_the_model_fitted_on_it(polluted):
+    features, ids, polluted_ids = polluted
+    ranking = sroc_ranking(features, ids, factory("mahalanobis"))
+    reference = detector("mahalanobis").fit(features).score(features, maps=False)[0]
+    np.testing.assert_array_equal(ranking.scores, reference)
+    np.testing.assert_array_equal(ranking.order, reference_order(reference, ids))
+    assert (ranking.strategy, ranking.n_fits) == ("sroc", 1)
+    assert ranking.scores.dtype == np.float64 and ranking.order.dtype == np.int64
+    # At r = p, SROC with Mahalanobis finds at least 80 % of the planted polluted images.
+    removed = ids[removed_positions(ranking, POLLUTION)]
+    assert refinement_scores(removed, polluted_ids)["recall"] >= 0.8
+
+
+def test_sroc_reuses_an_already_fitted_detector(polluted):
+    features, ids, _ = polluted
+    fitted = detector("knn").fit(features)
+    reused = sroc_ranking(features, ids, factory("mahalanobis"), fitted=fitted)
+    fresh = sroc_ranking(features, ids, factory("knn"))
+    np.testing.assert_array_equal(reused.scores, fresh.scores)
+    assert (reused.n_fits, reused.fit_seconds) == (0, 0.0) and fresh.fit_seconds > 0
+    other = detector("knn").fit(subset(features, np.arange(20)))
+    with pytest.raises(ValueError, match="fitted on 20 images, not on these 50"):
+        sroc_ranking(features, ids, factory("knn"), fitted=other)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sroc_with_mahalanobis_removes_most_polluted_images_at_r_equal_p(seed):
+    features, ids, polluted_ids = polluted_features(seed=10 + seed)
+    ranking = sroc_ranking(features, ids, factory("mahalanobis"))
+    removed = ids[removed_positions(ranking, POLLUTION)]
+    assert len(removed) == len(polluted_ids) == 10
+    assert refinement_scores(removed, polluted_ids)["recall"] >= 0.8
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4])
+def test_random_removal_precision_averages_the_pollution_ratio(ratio):
+    ids = np.array([f"img{i:03d}" for i in range(N_TRAIN)])
+    polluted_ids = ids[: n_injected(N_TRAIN, POLLUTION)]
+    precision = np.array(
+        [
+            refinement_scores(ids[removed_positions(random_ranking(ids, s), ratio)], polluted_ids)[
+                "precision"
+            ]
+            for s in range(300)
+        ]
+    )
+    standard_error = precision.std(ddof=1) / np.sqrt(len(precision))
+    assert abs(precision.mean() - POLLUTION) <= 3 * standard_error
+    assert precision.std() > 0  # the seeds do draw different subsets
+
+
+def test_fold_assignment_is_a_seeded_balanced_partition():
+    for n, s in [(50, 5), (23, 5), (7, 7), (9, 2)]:
+        folds = fold_assignment(n, s, rng_seed=4)
+        sizes = np.bincount(folds, minlength=s)
+        assert sizes.sum() == n and sizes.max() - sizes.min() <= 1 and set(folds) == set(range(s))
+        np.testing.assert_array_equal(folds, fold_assignment(n, s, rng_seed=4))
+    assert not np.array_equal(fold_assignment(50, 5, 0), fold_assignment(50, 5, 1))
+
+
+@pytest.mark.parametrize("name", sorted(DETECTOR_PARAMS))
+def test_cross_validation_never_scores_an_image_with_a_model_fitted_on_it(polluted, name):
+    features, ids, _ = polluted
+    log: list = []
+    ranking = cross_validation_ranking(
+        features, ids, lambda: Recording(name, features, log), n_folds=5, rng_seed=7
+    )
+    everything = set(range(N_TRAIN))
+    assert len(log) == 5 and ranking.n_fits == 5
+    held_out = [scored for _, scored in log]
+    assert sorted(i for scored in held_out for i in scored) == sorted(everything)
+    assert max(map(len, held_out)) - min(map(len, held_out)) <= 1
+    for fitted, scored in log:
+        assert not fitted & scored and fitted | scored == everything
+        # Brute force: a fresh model on the other folds scores the held-out fold identically.
+        positions = np.array(sorted(scored))
+        reference = detector(name).fit(subset(features, np.array(sorted(fitted))))
+        np.testing.assert_allclose(
+            ranking.scores[positions],
+            reference.score(subset(features, positions), maps=False)[0],
+            rtol=1e-12,
+        )
+    np.testing.assert_array_equal(ranking.order, reference_order(ranking.scores, ids))
+
+
+@pytest.mark.parametrize("name", sorted(DETECTOR_PARAMS))
+def test_stoc_averages_one_model_per_fold_over_all_images(polluted, name):
+    features, ids, _ = polluted
+    log: list = []
+    ranking = stoc_ranking(
+        features, ids, lambda: Recording(name, features, log), n_folds=5, rng_seed=7
+    )
+    everything = set(range(N_TRAIN))
+    folds = [fitted for fitted, _ in log]
+    assert len(log) == 5 and ranking.n_fits == 5
+    assert all(scored == everything for _, scored in log)
+    assert sorted(i for fold in folds for i in fold) == sorted(everything)
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    # Brute force: the mean of the scores of fresh models, one per fold.
+    reference = np.mean(
+        [
+            detector(name).fit(subset(features, np.array(sorted(fold)))).score(features)[0]
+            for fold in folds
+        ],
+        axis=0,
+    )
+    np.testing.assert_allclose(ranking.scores, reference, rtol=1e-12)
+    np.testing.assert_array_equal(ranking.order, reference_order(ranking.scores, ids))
+
+
+def test_seeded_strategies_are_deterministic(polluted):
+    features, ids, _ = polluted
+    make = factory("mahalanobis")
+    runs = {
+        "random": lambda seed: random_ranking(ids, seed),
+        "cross_validation": lambda seed: cross_validation_ranking(features, ids, make, 5, seed),
+        "stoc": lambda seed: stoc_ranking(features, ids, make, 5, seed),
+    }
+    for strategy, run in runs.items():
+        first, again, other = run(0), run(0), run(1)
+        assert first.strategy == strategy
+        np.testing.assert_array_equal(first.order, again.order)
+        np.testing.assert_array_equal(first.scores, again.scores)
+        assert not np.array_equal(first.scores, other.scores)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.2, 0.4])
+def test_iterative_sroc_with_one_step_is_sroc(polluted, ratio):
+    features, ids, _ = polluted
+    iterative = iterative_sroc_ranking(features, ids, factory("mahalanobis"), ratio, n_steps=1)
+    sroc = sroc_ranking(features, ids, factory("mahalanobis"))
+    np.testing.assert_array_equal(iterative.scores, sroc.scores)
+    np.testing.assert_array_equal(iterative.order, sroc.order)
+    assert (iterative.strategy, iterative.n_fits) == ("iterative_sroc", 1)
+
+
+def reference_iterative(features, ids, name, counts):
+    """Refit on the kept images, remove the top ones until each cumulative count is reached."""
+    kept, removed, scores = list(range(len(ids))), [], {}
+    for count in counts:
+        positions = np.array(sorted(kept))
+        fitted = detector(name).fit(subset(features, positions))
+        step = fitted.score(subset(features, positions), maps=False)[0]
+        scores.update(zip(positions.tolist(), step.tolist(), strict=True))
+        ranked = sorted(kept, key=lambda i: (-scores[i], ids[i]))
+        take = count - len(removed)
+        removed, kept = removed + ranked[:take], ranked[take:]
+    return removed, kept, np.array([scores[i] for i in range(len(ids))])
+
+
+@pytest.mark.parametrize(
+    "name, ratio, n_steps, counts",
+    [
+        # 20 of 50 in 3 steps: round(20/3) = 7, round(40/3) = 13, then 20.
+        ("mahalanobis", 0.4, 3, [7, 13, 20]),
+        ("knn", 0.2, 2, [5, 10]),
+        # 2 of 50 in 5 steps: 0, 1, 1, 2, 2 cumulative: only two steps remove anything.
+        ("mahalanobis", 0.04, 5, [1, 2]),
+    ],
+)
+def test_iterative_sroc_refits_on_what_remains(polluted, name, ratio, n_steps, counts):
+    features, ids, _ = polluted
+    ranking = iterative_sroc_ranking(features, ids, factory(name), ratio, n_steps)
+    removed, kept, scores = reference_iterative(features, ids, name, counts)
+    assert ranking.n_fits == len(counts) and len(removed) == n_removed(N_TRAIN, ratio)
+    assert list(removed_positions(ranking, ratio)) == removed
+    np.testing.assert_allclose(ranking.scores, scores, rtol=1e-12)
+    # The kept images follow in the order of their last scores.
+    assert list(ranking.order[len(removed) :]) == sorted(kept, key=lambda i: (-scores[i], ids[i]))
+    if name == "mahalanobis":  # the refit moves the mean and covariance: every score changes
+        sroc = sroc_ranking(features, ids, factory(name))
+        assert not np.isclose(ranking.scores[kept], sroc.scores[kept]).any()
+
+
+def test_consensus_averages_rank_positions(polluted):
+    features, ids, _ = polluted
+    rankings = [
+        sroc_ranking(features, ids, factory(name)) for name in ("mahalanobis", "knn", "padim")
+    ]
+    consensus = consensus_ranking(rankings, ids)
+    mean_position = {
+        image: np.mean([list(r.order).index(image) for r in rankings]) for image in range(N_TRAIN)
+    }
+    expected = sorted(range(N_TRAIN), key=lambda i: (mean_position[i], ids[i]))
+    assert list(consensus.order) == expected
+    np.testing.assert_allclose(
+        consensus.scores, [N_TRAIN - 1 - mean_position[i] for i in range(N_TRAIN)]
+    )
+    assert consensus.strategy == "consensus" and consensus.n_fits == 3
+    assert consensus.fit_seconds == pytest.approx(sum(r.fit_seconds for r in rankings))
+    # One ranking is its own consensus.
+    np.testing.assert_array_equal(consensus_ranking(rankings[:1], ids).order, rankings[0].order)
+
+
+def test_consensus_of_opposite_rankings_ties_everywhere_and_orders_by_id():
+    ids = np.array(["d", "b", "e", "a", "c"])
+    forward = random_ranking(ids, rng_seed=2)
+    backward = Ranking("reverse", -forward.scores, forward.order[::-1].copy(), 0, 0.0, 0.0)
+    consensus = consensus_ranking([forward, backward], ids)
+    np.testing.assert_array_equal(consensus.scores, np.full(5, 2.0))
+    assert list(ids[consensus.order]) == ["a", "b", "c", "d", "e"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_problem(polluted):
+    features, ids, _ = polluted
+    make = factory("mahalanobis")
+    for n_folds in (1, N_TRAIN + 1):
+        with pytest.raises(ValueError, match=f"n_folds must lie between 2 and .*{n_folds}"):
+            cross_validation_ranking(features, ids, make, n_folds=n_folds)
+        with pytest.raises(ValueError, match="n_folds"):
+            stoc_ranking(features, ids, make, n_folds=n_folds)
+    for ratio in (-0.1, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"ratio must lie in \[0, 1\)"):
+            n_removed(N_TRAIN, ratio)
+    ranking = random_ranking(ids, 0)
+    with pytest.raises(ValueError, match="ratio"):
+        removed_positions(ranking, 1.0)
+    with pytest.raises(ValueError, match="got 49 image_ids for 50 images"):
+        sroc_ranking(features, ids[:-1], make)
+    with pytest.raises(ValueError, match=r"image_ids repeat: \['img001'\]"):
+        sroc_ranking(features, np.array(["img001"] * 2 + list(ids[2:])), make)
+    with pytest.raises(ValueError, match="must be strings"):
+        random_ranking(np.arange(5), 0)
+    with pytest.raises(ValueError, match="different numbers of images"):
+        sroc_ranking({"s1": features["s1"], "s2": features["s2"][:-1]}, ids, make)
+    with pytest.raises(ValueError, match="non-empty dict"):
+        stoc_ranking({}, ids, make)
+    with pytest.raises(ValueError, match=r"finite; not finite for images \['b'\]"):
+        removal_order(np.array([0.0, np.nan]), ["a", "b"])
+    for n_steps in (0, 1.5):
+        with pytest.raises(ValueError, match="n_steps must be a positive integer"):
+            iterative_sroc_ranking(features, ids, make, 0.2, n_steps)
+    with pytest.raises(ValueError, match="ratio"):
+        iterative_sroc_ranking(features, ids, make, 1.0, 2)
+    with pytest.raises(ValueError, match="at least one ranking"):
+        consensus_ranking([], ids)
+    with pytest.raises(ValueError, match="different numbers of images"):
+        consensus_ranking([ranking, random_ranking(ids[:10], 0)], ids)
+    with pytest.raises(ValueError, match="got 10 image_ids for 50 images"):
+        consensus_ranking([ranking], ids[:10])
+    with pytest.raises(ValueError, match="not a permutation"):
+        Ranking("sroc", np.zeros(3), np.array([0, 0, 1]), 1, 0.0, 0.0)
