@@ -168,7 +168,11 @@ def test_grid_refinement_matches_its_stored_rankings(synthetic_run):
     p = config["refinement"]["pollution_ratio"]
     for path in sorted((results / "scores").glob("*/*/seed*/ranked.h5")):
         detector, category, seed = path.parts[-4], path.parts[-3], int(path.parts[-2][4:])
-        cell = table.query("detector == @detector and category == @category and seed == @seed")
+        cell = table[
+            (table["detector"] == detector)
+            & (table["category"] == category)
+            & (table["seed"] == seed)
+        ]
         oracle = [run for run in read_runs(path) if run.strategy == "oracle"][0]
         # The oracle keeps exactly the healthy part of the polluted training set.
         assert sorted(oracle.removed_ids) == sorted(oracle.polluted_ids)
