@@ -16,6 +16,5 @@ rule all:
 include: "workflow/rules/data.smk"
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/embed.smk"
-include: "workflow/rules/detect.smk"
-include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/refine.smk"
 include: "workflow/rules/report.smk"

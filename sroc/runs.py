@@ -1,15 +1,19 @@
-"""Runs: one detector fitted on one training set and scored on the test set, and their storage.
+"""Runs and rankings of the experiment grid, and their storage.
 
-A score file holds, for one (detector, category, seed), one HDF5 group per run (per pollution
-ratio): the test image ids, their image scores and their anomaly maps at the detector's
-resolution (float16), plus the training composition and timings as attributes. Every metric can
-be recomputed from it without refitting.
+A *run* is one detector fitted on one training set and scored on the test set: the robustness
+curve's runs (strategy ``none``, one per pollution ratio), the oracle, and the refined runs (one
+per strategy and refinement ratio). A *ranking* is a refinement strategy's score for every image
+of the polluted training set with the order in which images are removed.
+
+A score file holds the runs of one job: per run the test image ids, their scores and, when the
+dataset has masks, their anomaly maps (float16) on the detector's grid, with the training-set
+composition and timings as attributes; per ranking the training image ids, their scores, the
+removal order and which images were polluted. Every metric, and refinement precision / recall /
+F1 at any ratio, can be recomputed from these files without refitting.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,171 +22,207 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from sroc import splits
-from sroc.detectors import make_detector
-from sroc.embeddings import load_features
 from sroc.io import atomic_path
+from sroc.metrics import refinement_scores
 
-log = logging.getLogger(__name__)
+# The columns of runs.parquet that identify the job a row comes from.
+KEY_COLUMNS = ("category", "seed", "detector", "detector_type", "protocol")
+# The columns of runs.parquet that describe a run; the metrics follow (docs/refinement.md).
+RUN_COLUMNS = (
+    "strategy",
+    "refiner",
+    "pollution_ratio",
+    "refinement_ratio",
+    "run",
+    "n_train",
+    "n_polluted",
+    "n_removed",
+    "n_kept",
+    "n_removed_polluted",
+    "n_kept_polluted",
+    "precision",
+    "recall",
+    "f1",
+    "fit_seconds",
+    "score_seconds",
+)
+# Timings differ from one execution to the next; every other column is reproducible.
+TIMING_COLUMNS = ("fit_seconds", "score_seconds")
 
 
 @dataclass
-class RunScores:
-    """Scores of one run on the test images."""
+class Run:
+    """One detector fitted on a training set (the polluted set less ``removed_ids``) and scored
+    on the test set."""
 
-    name: str
+    strategy: str
+    refiner: str
+    pollution_ratio: float
+    refinement_ratio: float
+    training_ids: np.ndarray  # the polluted training set before refinement
+    polluted_ids: np.ndarray  # its defective images
+    removed_ids: np.ndarray  # what the refinement removed
+    test_ids: np.ndarray
+    scores: np.ndarray
+    maps: np.ndarray | None
+    fit_seconds: float
+    score_seconds: float
+
+    @property
+    def name(self) -> str:
+        if self.strategy in ("none", "oracle"):
+            return f"{self.strategy}/p={self.pollution_ratio:g}"
+        return f"{self.strategy}/r={self.refinement_ratio:g}"
+
+    def record(self) -> dict:
+        """The run's row of the results table, less the test metrics."""
+        refinement = refinement_scores(self.removed_ids.tolist(), self.polluted_ids.tolist())
+        n_train = len(self.training_ids)
+        n_removed = refinement["n_removed"]
+        return {
+            "strategy": self.strategy,
+            "refiner": self.refiner,
+            "pollution_ratio": self.pollution_ratio,
+            "refinement_ratio": self.refinement_ratio,
+            "run": self.name,
+            "n_train": n_train,
+            "n_polluted": refinement["n_polluted"],
+            "n_removed": n_removed,
+            "n_kept": n_train - n_removed,
+            "n_removed_polluted": refinement["n_removed_polluted"],
+            "n_kept_polluted": refinement["n_polluted"] - refinement["n_removed_polluted"],
+            "precision": refinement["precision"],
+            "recall": refinement["recall"],
+            "f1": refinement["f1"],
+            "fit_seconds": self.fit_seconds,
+            "score_seconds": self.score_seconds,
+        }
+
+
+@dataclass
+class StoredRanking:
+    """A strategy's ranking of the polluted training set, as stored."""
+
+    strategy: str
+    refiner: str
     image_ids: np.ndarray
     scores: np.ndarray
-    maps: np.ndarray
+    order: np.ndarray
+    polluted: np.ndarray
     attrs: dict = field(default_factory=dict)
 
-
-def select(features: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    return {stage: array[rows] for stage, array in features.items()}
-
-
-def pollution_runs(
-    detector_type: str,
-    detector_params: dict,
-    manifest: pd.DataFrame,
-    cache_path: str | Path,
-    ratios: Sequence[float],
-    seed: int,
-    n_jobs: int = 1,
-) -> list[RunScores]:
-    """Fit the detector on the training set of every pollution ratio and score the test set.
-
-    The features of the category are read once; each ratio only selects rows. The detector's
-    ``random_state`` is the split seed.
-    """
-    test = splits.test_set(manifest)
-    candidates = manifest[manifest["role"].isin(["train", "pollution"])]
-    ids = pd.concat([candidates["image_id"], test["image_id"]]).tolist()
-    features, _ = load_features(cache_path, ids)
-    row_of = {image_id: row for row, image_id in enumerate(ids)}
-    test_rows = np.array([row_of[i] for i in test["image_id"]])
-    test_features = select(features, test_rows)
-
-    runs = []
-    for ratio in ratios:
-        train = splits.training_set(manifest, ratio)
-        train_rows = np.array([row_of[i] for i in train["image_id"]])
-        detector = make_detector(
-            detector_type, random_state=seed, n_jobs=n_jobs, **detector_params
-        )
-        start = time.perf_counter()
-        detector.fit(select(features, train_rows))
-        fitted = time.perf_counter()
-        scores, maps = detector.score(test_features)
-        done = time.perf_counter()
-        log.info(
-            "ratio %g: fit on %d images (%d polluted) in %.1f s, scored %d test images in %.1f s",
-            ratio,
-            len(train),
-            int(train["polluted"].sum()),
-            fitted - start,
-            len(test),
-            done - fitted,
-        )
-        runs.append(
-            RunScores(
-                name=f"pollution={ratio:g}",
-                image_ids=test["image_id"].to_numpy(dtype=str),
-                scores=np.asarray(scores, dtype=np.float64),
-                maps=np.asarray(maps, dtype=np.float16),
-                attrs={
-                    "strategy": "none",
-                    "pollution_ratio": float(ratio),
-                    "n_train": len(train),
-                    "n_train_polluted": int(train["polluted"].sum()),
-                    "fit_seconds": fitted - start,
-                    "score_seconds": done - fitted,
-                },
-            )
-        )
-    return runs
+    def removed_ids(self, n_removed: int) -> np.ndarray:
+        return self.image_ids[self.order[:n_removed]]
 
 
-def write_scores(path: str | Path, runs: Sequence[RunScores], attrs: dict) -> None:
-    """Write the runs of one (detector, category, seed) atomically."""
-    with atomic_path(path, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w") as out:
-            out.attrs.update({k: v for k, v in attrs.items() if v is not None})
-            for run in runs:
-                group = out.create_group(run.name)
+def _string_dataset(group: h5py.Group, name: str, values: Sequence[str]) -> None:
+    group.create_dataset(name, data=np.asarray(values, dtype=object), dtype=h5py.string_dtype())
+
+
+def write_scores(
+    path: str | Path,
+    attrs: dict,
+    runs: Sequence[Run] = (),
+    rankings: Sequence[StoredRanking] = (),
+) -> None:
+    """Write the runs and rankings of one job atomically."""
+    with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as out:
+        out.attrs.update({k: v for k, v in attrs.items() if v is not None})
+        runs_group = out.create_group("runs")
+        for run in runs:
+            # "/" in a run name would nest groups: flatten it.
+            group = runs_group.create_group(run.name.replace("/", ":"))
+            _string_dataset(group, "image_id", run.test_ids)
+            group.create_dataset("score", data=np.asarray(run.scores, dtype=np.float64))
+            if run.maps is not None:
                 group.create_dataset(
-                    "image_id", data=run.image_ids.astype(object), dtype=h5py.string_dtype()
-                )
-                group.create_dataset("score", data=run.scores)
-                group.create_dataset("map", data=run.maps, compression="gzip", shuffle=True)
-                group.attrs.update(run.attrs)
+                    "map", data=np.asarray(run.maps, dtype=np.float16), compression="gzip",
+                    shuffle=True,
+                )  # fmt: skip
+            _string_dataset(group, "removed_id", run.removed_ids)
+            _string_dataset(group, "polluted_id", run.polluted_ids)
+            _string_dataset(group, "training_id", run.training_ids)
+            group.attrs.update(
+                {
+                    "strategy": run.strategy,
+                    "refiner": run.refiner,
+                    "pollution_ratio": run.pollution_ratio,
+                    "refinement_ratio": run.refinement_ratio,
+                    "fit_seconds": run.fit_seconds,
+                    "score_seconds": run.score_seconds,
+                }
+            )
+        rankings_group = out.create_group("rankings")
+        for ranking in rankings:
+            group = rankings_group.create_group(ranking.strategy)
+            _string_dataset(group, "image_id", ranking.image_ids)
+            group.create_dataset("score", data=np.asarray(ranking.scores, dtype=np.float64))
+            group.create_dataset("order", data=np.asarray(ranking.order, dtype=np.int64))
+            group.create_dataset("polluted", data=np.asarray(ranking.polluted, dtype=bool))
+            group.attrs.update({"refiner": ranking.refiner, **ranking.attrs})
 
 
-def read_scores(path: str | Path) -> tuple[list[RunScores], dict]:
-    """The runs of one score file, in the order they were written, and the file's attributes."""
+def read_rankings(path: str | Path) -> dict[str, StoredRanking]:
+    """The rankings of a score file, by strategy."""
     with h5py.File(path, "r") as source:
-        attrs = dict(source.attrs)
-        runs = [
-            RunScores(
-                name=name,
+        return {
+            strategy: StoredRanking(
+                strategy=strategy,
+                refiner=str(group.attrs["refiner"]),
                 image_ids=group["image_id"].asstr()[...],
                 scores=group["score"][...],
-                maps=group["map"][...].astype(np.float32),
-                attrs=dict(group.attrs),
+                order=group["order"][...],
+                polluted=group["polluted"][...],
+                attrs={k: v for k, v in group.attrs.items() if k != "refiner"},
             )
-            for name, group in sorted(
-                source.items(), key=lambda item: item[1].attrs.get("pollution_ratio", 0)
+            for strategy, group in source.get("rankings", {}).items()
+        }
+
+
+def read_runs(path: str | Path) -> list[Run]:
+    """The runs of a score file (maps as float32, None where none were stored)."""
+    with h5py.File(path, "r") as source:
+        return [
+            Run(
+                strategy=str(group.attrs["strategy"]),
+                refiner=str(group.attrs["refiner"]),
+                pollution_ratio=float(group.attrs["pollution_ratio"]),
+                refinement_ratio=float(group.attrs["refinement_ratio"]),
+                training_ids=group["training_id"].asstr()[...],
+                polluted_ids=group["polluted_id"].asstr()[...],
+                removed_ids=group["removed_id"].asstr()[...],
+                test_ids=group["image_id"].asstr()[...],
+                scores=group["score"][...],
+                maps=group["map"][...].astype(np.float32) if "map" in group else None,
+                fit_seconds=float(group.attrs["fit_seconds"]),
+                score_seconds=float(group.attrs["score_seconds"]),
             )
+            for group in source["runs"].values()
         ]
-    return runs, attrs
 
 
-def evaluate_runs(
-    test: pd.DataFrame,
-    score_files: dict[str, str | Path],
-    fpr_limit: float = 0.3,
-    resolution: int | None = None,
-    input_size: int = 380,
-    smoothing_sigma: float = 4.0,
-) -> pd.DataFrame:
-    """Metrics of every run of every detector on one (category, seed) test set.
+def collect_rows(paths: Sequence[str | Path], dataset: str) -> pd.DataFrame:
+    """The rows written by the grid's jobs, one table sorted by its keys (so the table does not
+    depend on the order jobs ran in). Jobs of excluded categories contribute nothing."""
+    tables = []
+    for path in paths:
+        try:
+            tables.append(pd.read_csv(path))
+        except pd.errors.EmptyDataError:  # an excluded category's job wrote no row
+            continue
+    if not tables:
+        return pd.DataFrame(columns=["dataset", *KEY_COLUMNS, *RUN_COLUMNS])
+    table = pd.concat(tables, ignore_index=True)
+    table.insert(0, "dataset", dataset)
+    return table.sort_values(
+        ["category", "seed", "detector", "strategy", "pollution_ratio", "refinement_ratio"],
+        kind="stable",
+    ).reset_index(drop=True)
 
-    The ground truth is read and its regions labelled once, then reused by every run. Maps are
-    brought to ground-truth resolution (or to ``resolution`` x ``resolution``) by bilinear
-    interpolation and smoothed by a Gaussian of ``smoothing_sigma`` pixels at the backbone input
-    size (4 px, as PaDiM and PatchCore), scaled to the target size.
-    """
-    from sroc.data import image_size
-    from sroc.detectors import resize_maps, scale_sigma
-    from sroc.metrics import PixelGroundTruth, image_auroc
 
-    ground_truth = None
-    if (test["mask_path"] != "").any():
-        ground_truth = PixelGroundTruth.from_mask_paths(
-            test["mask_path"].tolist(),
-            [image_size(path) for path in test["path"]],
-            test["label"].to_numpy(),
-            resolution=None if resolution is None else (resolution, resolution),
-        )
-    labels = test["label"].to_numpy()
-    test_ids = test["image_id"].to_numpy(dtype=str)
-    rows = []
-    for detector, path in score_files.items():
-        runs, _ = read_scores(path)
-        for run in runs:
-            if not np.array_equal(run.image_ids, test_ids):
-                raise ValueError(f"{path}: run {run.name} was scored on other test images")
-            row = {"detector": detector, "run": run.name, **run.attrs}
-            row["image_auroc"] = image_auroc(labels, run.scores)
-            if ground_truth is None:
-                row.update(
-                    au_pro=np.nan, au_iou=np.nan, fpr_limit=fpr_limit, pixel_resolution="no masks"
-                )
-            else:
-                maps = [
-                    resize_maps(m[None], shape, scale_sigma(smoothing_sigma, input_size, shape))[0]
-                    for m, shape in zip(run.maps, ground_truth.shapes, strict=True)
-                ]
-                row.update(ground_truth.evaluate(maps, fpr_limit=fpr_limit))
-            rows.append(row)
-    return pd.DataFrame(rows)
+def write_table(table: pd.DataFrame, parquet_path: str | Path, csv_path: str | Path) -> None:
+    """Write the results table as Parquet and CSV, each atomically."""
+    with atomic_path(parquet_path, suffix=".parquet") as tmp:
+        table.to_parquet(tmp, index=False)
+    with atomic_path(csv_path) as tmp:
+        table.to_csv(tmp, index=False)

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 
 from sroc.backbones import BackboneConfig  # noqa: E402
 from sroc.data import list_categories  # noqa: E402
+from sroc.detectors import validate_params  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -23,9 +24,42 @@ BACKBONE = BackboneConfig(
     **{k: v for k, v in config["backbone"].items() if k != "threads"}
 )
 BACKBONE_TAG = BACKBONE.tag()
-DETECTORS = config.get("detectors", {})
+DETECTORS = {detector["name"]: detector for detector in config.get("detectors", [])}
+REFINEMENT = {
+    "pollution_ratio": 0.2,
+    "ratios": [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8],
+    "strategies": ["sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner"],
+    "n_folds": 5,
+    "refiner": "mahalanobis",
+    "refiner_params": {},
+    **config.get("refinement", {}),
+}
+# r = 0 is the unrefined model, fitted by the ranking job; every other ratio is a job.
+REFINED_RATIOS = [f"{r:g}" for r in sorted(REFINEMENT["ratios"]) if r > 0]
+RANDOM_STATE = config.get("random_state", 0)
 EVALUATION = {"fpr_limit": 0.3, "resolution": None, **config.get("evaluation", {})}
 
+if len(DETECTORS) != len(config.get("detectors", [])):
+    raise ValueError(
+        "config detectors: two entries share a name; give each detector a unique name"
+    )
+for position, detector in enumerate(config.get("detectors", [])):
+    validate_params(
+        detector["type"],
+        detector.get("params", {}),
+        f"config detectors[{position}] ({detector['name']})",
+    )
+validate_params(
+    REFINEMENT["refiner"], REFINEMENT["refiner_params"], "config refinement.refiner_params"
+)
+if REFINEMENT["strategies"] and (
+    REFINEMENT["pollution_ratio"] > config["pollution"]["set_fraction"] + 1e-9
+):
+    raise ValueError(
+        f"config refinement.pollution_ratio is {REFINEMENT['pollution_ratio']}, above "
+        f"pollution.set_fraction {config['pollution']['set_fraction']}: the pollution set cannot "
+        "supply it; lower it or raise set_fraction"
+    )
 if max(RATIOS) > config["pollution"]["set_fraction"] + 1e-9:
     raise ValueError(
         f"config pollution.ratios reaches {max(RATIOS)}, above pollution.set_fraction "
@@ -76,6 +110,7 @@ wildcard_constraints:
     category="|".join(map(str, CATEGORIES)) if CATEGORIES else "[^/]+",
     seed=r"\d+",
     detector="|".join(DETECTORS) if DETECTORS else "[^/]+",
+    ratio=r"[0-9.]+",
 
 
 def data_input():
@@ -95,12 +130,30 @@ def embedding_cache(category="{category}"):
     return f"{RESULTS}/embeddings/{category}/{BACKBONE_TAG}.h5"
 
 
-def detector_scores(detector="{detector}", category="{category}", seed="{seed}"):
-    return f"{RESULTS}/scores/{detector}/{category}/seed{seed}.h5"
+def cell_path(kind, part, detector="{detector}", category="{category}", seed="{seed}"):
+    """Output of one job of the grid: kind "scores" (.h5) or "metrics" (.csv); part "ranked"
+    (robustness curve, rankings, oracle) or "refined-r{ratio}"."""
+    suffix = "h5" if kind == "scores" else "csv"
+    return f"{RESULTS}/{kind}/{detector}/{category}/seed{seed}/{part}.{suffix}"
+
+
+def detector_spec(name):
+    """What a job needs to build the detector: type, params, random_state (not threads, which
+    Snakemake may lower to fit --cores and which no result depends on)."""
+    detector = DETECTORS[name]
+    return {
+        "type": detector["type"],
+        "params": detector.get("params", {}),
+        "random_state": RANDOM_STATE,
+    }
+
+
+def detector_threads(wildcards):
+    return DETECTORS[wildcards.detector].get("threads", 1)
 
 
 def detector_mem_mb(wildcards, input):
-    """Memory of one detector job, from the detector's own estimate on this category's cache."""
+    """Memory of one grid job, from the detector's own estimate on this category's cache."""
     from sroc.detectors import estimate_memory_mb
     from sroc.embeddings import cache_shapes
 
@@ -108,11 +161,48 @@ def detector_mem_mb(wildcards, input):
     if not Path(input.cache).exists():
         return 8000  # the cache is not built yet (dry run); estimated when the job is scheduled
     n_images, shapes = cache_shapes(input.cache)
-    # Every image of the category bounds both the training and the test set of any split.
+    # Every image of the category bounds both the training and the test set of any split; the
+    # cell's features are held once besides the detector's own estimate.
+    feature_mb = n_images * sum(c * h * w for c, h, w in shapes.values()) * 4 / 2**20
     return int(
-        estimate_memory_mb(
+        feature_mb
+        + estimate_memory_mb(
             run["type"], run.get("params", {}), n_images, n_images, shapes
         )
+    )
+
+
+# Seconds of one fit plus one test scoring per training image, measured on 2 cores with the
+# default settings (benchmarks/fit_cost.py), with a wide margin: a job that outlives its
+# runtime is killed by a cluster.
+SECONDS_PER_IMAGE_FIT = {"knn": 0.01, "mahalanobis": 0.005, "padim": 0.02, "patchcore": 0.1}
+
+
+def detector_runtime(wildcards, input, attempt):
+    """Minutes one grid job may take: its number of fits times a per-image cost, x10."""
+    from sroc.embeddings import cache_shapes
+
+    if not Path(input.cache).exists():
+        return 60
+    n_images, _ = cache_shapes(input.cache)
+    per_fit = n_images * SECONDS_PER_IMAGE_FIT[DETECTORS[wildcards.detector]["type"]]
+    n_fits = len(RATIOS) + 2 * REFINEMENT["n_folds"] + 2 + len(REFINEMENT["strategies"])
+    return max(10, int(10 * attempt * n_fits * per_fit / 60))
+
+
+def ranked_outputs(kind):
+    return expand(
+        cell_path(kind, "ranked"), detector=DETECTORS, category=CATEGORIES, seed=SEEDS
+    )
+
+
+def refined_outputs(kind):
+    return expand(
+        cell_path(kind, "refined-r{ratio}"),
+        detector=DETECTORS,
+        category=CATEGORIES,
+        seed=SEEDS,
+        ratio=REFINED_RATIOS if REFINEMENT["strategies"] else [],
     )
 
 
@@ -122,6 +212,8 @@ def all_targets():
         f"{RESULTS}/tables/split_summary.md",
     ]
     targets += [embedding_cache(c) for c in CATEGORIES]
+    if DETECTORS:
+        targets += [f"{RESULTS}/runs.parquet", f"{RESULTS}/runs.csv", *report_targets()]
     return targets
 
 

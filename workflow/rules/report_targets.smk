@@ -2,12 +2,10 @@
 # results table of every run (rule collect_runs). Included by common.smk, so that rule all can
 # request report_targets().
 
-REFINEMENT = config.get("refinement", {})
-REFINER = REFINEMENT.get("refiner", "mahalanobis")
-REFINED_POLLUTION = REFINEMENT.get("pollution_ratio", 0.2)
-REFINEMENT_STRATEGIES = REFINEMENT.get(
-    "strategies", ["sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner"]
-)
+# REFINEMENT (common.smk) holds the refinement section with its defaults.
+REFINER = REFINEMENT["refiner"]
+REFINED_POLLUTION = REFINEMENT["pollution_ratio"]
+REFINEMENT_STRATEGIES = REFINEMENT["strategies"]
 RUNS = f"{RESULTS}/runs.parquet"
 TABLES = f"{RESULTS}/tables"
 FIGURES = f"{RESULTS}/figures"

@@ -1,0 +1,81 @@
+# The experiment grid (sections 4.3-4.5, Appendix B): per (category, seed, detector) one job
+# fits the robustness curve, ranks the polluted training set with every strategy and fits the
+# oracle; one job per refinement ratio refits on what each ranking keeps; one job collects
+# every row into runs.parquet.
+
+
+rule rank:
+    input:
+        manifest=manifest(),
+        info=split_info(),
+        cache=embedding_cache(),
+    output:
+        scores=cell_path("scores", "ranked"),
+        metrics=cell_path("metrics", "ranked"),
+    log:
+        f"{LOGS}/rank/{{detector}}/{{category}}/seed{{seed}}.log",
+    conda:
+        "../../envs/sroc.yaml"
+    threads: detector_threads
+    resources:
+        mem_mb=detector_mem_mb,
+        runtime=detector_runtime,
+    params:
+        detector=lambda wildcards: detector_spec(wildcards.detector),
+        refiner={
+            "type": REFINEMENT["refiner"],
+            "params": REFINEMENT["refiner_params"],
+            "random_state": RANDOM_STATE,
+        },
+        pollution_ratios=RATIOS,
+        refined_ratio=REFINEMENT["pollution_ratio"],
+        strategies=REFINEMENT["strategies"],
+        n_folds=REFINEMENT["n_folds"],
+        unrefined_rows=0.0 in REFINEMENT["ratios"],
+        evaluation=EVALUATION,
+        input_size=BACKBONE.input_size,
+    script:
+        "../../scripts/rank.py"
+
+
+rule refine:
+    input:
+        manifest=manifest(),
+        info=split_info(),
+        cache=embedding_cache(),
+        ranked=cell_path("scores", "ranked"),
+    output:
+        scores=cell_path("scores", "refined-r{ratio}"),
+        metrics=cell_path("metrics", "refined-r{ratio}"),
+    log:
+        f"{LOGS}/refine/{{detector}}/{{category}}/seed{{seed}}-r{{ratio}}.log",
+    conda:
+        "../../envs/sroc.yaml"
+    threads: detector_threads
+    resources:
+        mem_mb=detector_mem_mb,
+        runtime=detector_runtime,
+    params:
+        detector=lambda wildcards: detector_spec(wildcards.detector),
+        ratio=lambda wildcards: float(wildcards.ratio),
+        evaluation=EVALUATION,
+        input_size=BACKBONE.input_size,
+    script:
+        "../../scripts/refine.py"
+
+
+rule collect_runs:
+    input:
+        ranked=ranked_outputs("metrics"),
+        refined=refined_outputs("metrics"),
+    output:
+        parquet=f"{RESULTS}/runs.parquet",
+        csv=f"{RESULTS}/runs.csv",
+    log:
+        f"{LOGS}/collect_runs.log",
+    conda:
+        "../../envs/sroc.yaml"
+    params:
+        dataset=DATASET["name"],
+    script:
+        "../../scripts/collect_runs.py"
