@@ -9,6 +9,7 @@ from sroc import splits
 from sroc.io import write_text_atomic
 from sroc.logs import rule_logging
 from sroc.report import embedding_geometry as geometry
+from sroc.report import placeholders
 
 with rule_logging(snakemake.log[0]):
     params = snakemake.params
@@ -24,7 +25,10 @@ with rule_logging(snakemake.log[0]):
         for seed, (pooled, defective) in embeddings.items():
             distances = geometry.mean_distances(pooled, defective)
             records.append({"category": category, "seed": seed, **distances})
-    table = geometry.distance_table(pd.DataFrame(records))
-    write_text_atomic(snakemake.output.csv, table.to_csv(index=False))
-    write_text_atomic(snakemake.output.markdown, geometry.distance_markdown(table))
-    write_text_atomic(snakemake.output.latex, geometry.distance_latex(table))
+    if not records:
+        placeholders.write_placeholders(snakemake.output)
+    else:
+        table = geometry.distance_table(pd.DataFrame(records))
+        write_text_atomic(snakemake.output.csv, table.to_csv(index=False))
+        write_text_atomic(snakemake.output.markdown, geometry.distance_markdown(table))
+        write_text_atomic(snakemake.output.latex, geometry.distance_latex(table))

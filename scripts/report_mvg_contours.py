@@ -1,9 +1,12 @@
 """Rule figure_contours: Figure 6, the Gaussians of the healthy and of the polluted training set
 of chosen categories, along the embedding dimensions whose variance changes most."""
 
+import logging
+
 from sroc import splits
 from sroc.logs import rule_logging
 from sroc.report import embedding_geometry as geometry
+from sroc.report import placeholders
 
 with rule_logging(snakemake.log[0]):
     params = snakemake.params
@@ -14,9 +17,14 @@ with rule_logging(snakemake.log[0]):
         manifests = {params.seed: splits.read_manifest(manifest)}
         embeddings = geometry.training_embeddings(cache, manifests, params.pollution_ratio)
         if not embeddings:
-            raise ValueError(
-                f"category {category} is excluded from the benchmark: choose another one for "
-                "Figure 6 in config report.contour_categories"
+            logging.warning(
+                "category %s is excluded from the benchmark: Figure 6 leaves it out (choose "
+                "others in config report.contour_categories)",
+                category,
             )
+            continue
         shown[category] = embeddings[params.seed]
-    geometry.plot_mvg_contours(shown, [snakemake.output.png, snakemake.output.pdf])
+    if shown:
+        geometry.plot_mvg_contours(shown, [snakemake.output.png, snakemake.output.pdf])
+    else:
+        placeholders.write_placeholders(snakemake.output)

@@ -3,11 +3,14 @@
 from sroc import report
 from sroc.io import write_text_atomic
 from sroc.logs import rule_logging
-from sroc.report import stats, tables
+from sroc.report import placeholders, stats, tables
 
 with rule_logging(snakemake.log[0]):
     runs = tables.read_runs(snakemake.input.runs)
-    params = snakemake.params
-    table = stats.paired_statistics(runs, params.metric, params.refiner)
-    report.write_table(table, snakemake.output.csv, snakemake.output.markdown)
-    write_text_atomic(snakemake.output.latex, tables.plain_latex(table))
+    if runs.empty:
+        placeholders.write_placeholders(snakemake.output)
+    else:
+        params = snakemake.params
+        table = stats.paired_statistics(runs, params.metric, params.refiner)
+        report.write_table(table, snakemake.output.csv, snakemake.output.markdown)
+        write_text_atomic(snakemake.output.latex, tables.plain_latex(table))

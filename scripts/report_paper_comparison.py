@@ -2,17 +2,20 @@
 
 from sroc.io import write_text_atomic
 from sroc.logs import rule_logging
-from sroc.report import paper, tables
+from sroc.report import paper, placeholders, tables
 
 with rule_logging(snakemake.log[0]):
     runs = tables.read_runs(snakemake.input.runs)
-    params = snakemake.params
-    comparison = paper.compare_with_paper(runs, refiner=params.refiner)
-    note = paper.comparison_note(params.backbone, params.dataset)
-    output = snakemake.output
-    write_text_atomic(output.csv, comparison.to_csv(index=False))
-    write_text_atomic(output.markdown, paper.comparison_markdown(comparison, note))
-    write_text_atomic(output.latex, paper.comparison_latex(comparison, note))
-    paper.plot_comparison(
-        comparison, [output.png, output.pdf], title=f"{params.dataset} against the paper"
-    )
+    if runs.empty:
+        placeholders.write_placeholders(snakemake.output)
+    else:
+        params = snakemake.params
+        comparison = paper.compare_with_paper(runs, refiner=params.refiner)
+        note = paper.comparison_note(params.backbone, params.dataset)
+        output = snakemake.output
+        write_text_atomic(output.csv, comparison.to_csv(index=False))
+        write_text_atomic(output.markdown, paper.comparison_markdown(comparison, note))
+        write_text_atomic(output.latex, paper.comparison_latex(comparison, note))
+        paper.plot_comparison(
+            comparison, [output.png, output.pdf], title=f"{params.dataset} against the paper"
+        )

@@ -46,6 +46,8 @@ RUN_COLUMNS = (
     "fit_seconds",
     "score_seconds",
 )
+# The test metrics of a run (sroc.evaluation.TestEvaluation.metrics).
+METRIC_COLUMNS = ("image_auroc", "au_pro", "au_iou", "fpr_limit", "pixel_resolution")
 # Timings differ from one execution to the next; every other column is reproducible.
 TIMING_COLUMNS = ("fit_seconds", "score_seconds")
 
@@ -211,7 +213,7 @@ def collect_rows(paths: Sequence[str | Path], dataset: str) -> pd.DataFrame:
         except pd.errors.EmptyDataError:  # an excluded category's job wrote no row
             continue
     if not tables:
-        return pd.DataFrame(columns=["dataset", *KEY_COLUMNS, *RUN_COLUMNS])
+        return pd.DataFrame(columns=["dataset", *KEY_COLUMNS, *RUN_COLUMNS, *METRIC_COLUMNS])
     table = pd.concat(tables, ignore_index=True)
     table.insert(0, "dataset", dataset)
     return table.sort_values(

