@@ -31,27 +31,50 @@ _MAD_TO_SIGMA = 1.4826
 _MEAN_AD_TO_SIGMA = 1.2533
 
 
-def robust_z_scores(scores: np.ndarray) -> np.ndarray:
-    """One-sided modified z-scores of ``scores`` (log-scale when all are positive), float64.
-
-    Raises ``ValueError`` for fewer than 3 scores or a score that is not finite. All scores equal
-    give z = 0 everywhere: nothing stands out.
-    """
+def _log_if_positive(scores: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The values the bulk is measured on, and whether they are log-scores."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1 or scores.size < 3:
         raise ValueError(f"need a 1-d array of at least 3 scores, got shape {scores.shape}")
     if not np.isfinite(scores).all():
         bad = np.flatnonzero(~np.isfinite(scores))[:5].tolist()
         raise ValueError(f"scores at positions {bad} are not finite: fix the detector's input")
-    values = np.log(scores) if (scores > 0).all() else scores
-    location = np.median(values)
-    deviations = values - location
-    scale = _MAD_TO_SIGMA * np.median(np.abs(deviations))
+    if (scores > 0).all():
+        return np.log(scores), True
+    return scores, False
+
+
+def _location_scale(values: np.ndarray) -> tuple[float, float]:
+    location = float(np.median(values))
+    deviations = np.abs(values - location)
+    scale = _MAD_TO_SIGMA * float(np.median(deviations))
     if scale == 0:
-        scale = _MEAN_AD_TO_SIGMA * np.mean(np.abs(deviations))
+        scale = _MEAN_AD_TO_SIGMA * float(np.mean(deviations))
+    return location, scale
+
+
+def robust_z_scores(scores: np.ndarray) -> np.ndarray:
+    """One-sided modified z-scores of ``scores`` (log-scale when all are positive), float64.
+
+    Raises ``ValueError`` for fewer than 3 scores or a score that is not finite. All scores equal
+    give z = 0 everywhere: nothing stands out.
+    """
+    values, _ = _log_if_positive(scores)
+    location, scale = _location_scale(values)
     if scale == 0:
         return np.zeros_like(values)
-    return deviations / scale
+    return (values - location) / scale
+
+
+def tail_cut(scores: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> float:
+    """The score above which an image counts as contamination (z-score ``threshold``), in the
+    units of ``scores``."""
+    if not threshold > 0:
+        raise ValueError(f"threshold must be positive, got {threshold}")
+    values, logged = _log_if_positive(scores)
+    location, scale = _location_scale(values)
+    cut = location + threshold * scale
+    return float(np.exp(cut)) if logged else cut
 
 
 def estimate_contamination(scores: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> float:
@@ -60,7 +83,5 @@ def estimate_contamination(scores: np.ndarray, threshold: float = DEFAULT_THRESH
 
     See the module docstring for the estimator; docs/clean.md for its accuracy and failure modes.
     """
-    if not threshold > 0:
-        raise ValueError(f"threshold must be positive, got {threshold}")
-    z = robust_z_scores(scores)
-    return float(np.count_nonzero(z > threshold) / z.size)
+    scores = np.asarray(scores, dtype=np.float64)
+    return float(np.count_nonzero(scores > tail_cut(scores, threshold)) / scores.size)
