@@ -353,14 +353,11 @@ def run_clean(
         )
     image_ids = metadata["image_id"].to_numpy(str)
     scores, order = self_score_ranking(features, image_ids, factory, progress)
-    cut_from_scores = tail_cut(scores)
-    if ratio == "auto":
-        n_suspects = round_half_up(estimate_contamination(scores) * len(scores))
-    else:
-        n_suspects = round_half_up(ratio * len(scores))
+    contamination = estimate_contamination(scores)
+    n_suspects = round_half_up((contamination if ratio == "auto" else ratio) * len(scores))
     suspects, kept = order[:n_suspects], order[n_suspects:]
     if ratio == "auto":
-        cut = cut_from_scores
+        cut = tail_cut(scores)
     elif n_suspects:
         cut = float((scores[suspects[-1]] + scores[kept[0]]) / 2)
     else:
@@ -398,7 +395,7 @@ def run_clean(
         "images": len(frame),
         "suspects": int(n_suspects),
         "ratio": ratio if ratio == "auto" else float(ratio),
-        "estimated contamination": estimate_contamination(scores),
+        "estimated contamination": contamination,
         "z-score threshold (auto)": DEFAULT_THRESHOLD,
         "score cut": cut,
         "detector": detector,

@@ -33,8 +33,15 @@ def _parser() -> argparse.ArgumentParser:
         "write scores.csv, clean.txt, suspects.txt and report.html into OUT_DIR. Input files "
         "are never modified, moved or deleted.",
     )
-    clean.add_argument("images_dir", metavar="IMAGES_DIR", type=Path)
-    clean.add_argument("--out", required=True, type=Path, metavar="OUT_DIR")
+    clean.add_argument(
+        "images_dir",
+        metavar="IMAGES_DIR",
+        type=Path,
+        help="folder of png/jpg/bmp/tif images, read recursively (never modified)",
+    )
+    clean.add_argument(
+        "--out", required=True, type=Path, metavar="OUT_DIR", help="folder for the outputs"
+    )
     clean.add_argument(
         "--ratio",
         default="auto",
@@ -79,7 +86,11 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def clean_command(args: argparse.Namespace) -> None:
     images_dir = args.images_dir
-    for option, path in (("--out", args.out), ("--copy-clean", args.copy_clean)):
+    for option, path in (
+        ("--out", args.out),
+        ("--cache-dir", args.cache_dir),
+        ("--copy-clean", args.copy_clean),
+    ):
         if path is not None and _inside(path, images_dir):
             raise CleanError(
                 f"{option} {path} is inside IMAGES_DIR {images_dir}; the input folder is never "

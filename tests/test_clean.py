@@ -209,6 +209,7 @@ def test_inputs_are_never_written(polluted_folder, tmp_path, capsys):
     folder, _ = polluted_folder
     for option in (
         ["--out", str(folder / "out")],
+        ["--out", str(tmp_path), "--cache-dir", str(folder / "day0" / "cache")],
         ["--out", str(tmp_path), "--copy-clean", str(folder / "kept")],
     ):
         assert main(["clean", str(folder), *option]) == 2

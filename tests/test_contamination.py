@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from sroc.contamination import estimate_contamination, robust_z_scores
+from sroc.contamination import estimate_contamination, robust_z_scores, tail_cut
 
 RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2)
 
@@ -105,3 +105,12 @@ def test_overlapping_contamination_is_underestimated_never_overestimated(ratio):
 def test_bad_scores_are_refused(scores, message):
     with pytest.raises(ValueError, match=message):
         estimate_contamination(scores)
+
+
+@pytest.mark.parametrize("shift", [0.0, -5.0])
+def test_the_tail_cut_separates_exactly_the_images_counted(shift):
+    rng = np.random.default_rng(3)
+    scores = polluted_scores(300, 0.1, rng, (3, 10), "gamma") + shift
+    above = scores > tail_cut(scores)
+    assert np.array_equal(above, robust_z_scores(scores) > 3.5)
+    assert above.mean() == estimate_contamination(scores)
