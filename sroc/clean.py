@@ -16,7 +16,6 @@ import base64
 import dataclasses
 import hashlib
 import html
-import inspect
 import io
 import json
 import logging
@@ -37,7 +36,6 @@ from tqdm import tqdm
 from sroc.contamination import DEFAULT_THRESHOLD, estimate_contamination, tail_cut
 from sroc.data import DatasetError, read_image
 from sroc.io import atomic_path, write_text_atomic
-from sroc.splits import round_half_up
 
 # torch, faiss and h5py are imported where they are used: ``import sroc`` imports this module
 # (so that ``sroc.clean`` is the function), and must stay light for every other use of sroc.
@@ -222,46 +220,16 @@ def detector_factory(
 ) -> Callable[[], BaseDetector]:
     """A zero-argument callable returning a fresh unfitted detector (the refinement contract).
 
-    ``params`` default to :data:`DEFAULT_DETECTOR_PARAMS`. With ``exclude_self`` a detector that
-    supports leave-one-out self-scoring (KNN, PatchCore) gets ``exclude_self=True``.
+    ``params`` default to :data:`DEFAULT_DETECTOR_PARAMS`. ``exclude_self`` is passed to the
+    detector (leave-one-out self-scoring) unless ``params`` set it.
     """
     from sroc.detectors import DETECTORS, make_detector
 
     if detector not in DETECTORS:
         raise CleanError(f"unknown detector {detector!r}. Fix: choose one of {sorted(DETECTORS)}")
     params = dict(DEFAULT_DETECTOR_PARAMS.get(detector, {}) if params is None else params)
-    if "exclude_self" in DETECTORS[detector]._get_param_names():
-        params.setdefault("exclude_self", exclude_self)
+    params.setdefault("exclude_self", exclude_self)
     return lambda: make_detector(detector, n_jobs=threads, random_state=random_state, **params)
-
-
-def _scores_only(detector: BaseDetector, features: Mapping[str, np.ndarray]) -> np.ndarray:
-    # The detectors' contract adds score(features, maps=False), which skips the maps; a detector
-    # without it computes them and they are dropped.
-    if "maps" in inspect.signature(detector.score).parameters:
-        return detector.score(features, maps=False)[0]
-    return detector.score(features)[0]
-
-
-def self_score_ranking(
-    features: Mapping[str, np.ndarray],
-    image_ids: Sequence[str],
-    factory: Callable[[], BaseDetector],
-    progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """SROC self-scoring: a detector fitted on every image scores every image (leave-one-out
-    where the detector supports it). Returns ``(scores, order)``: float64 scores (higher = more
-    anomalous) and positions in removal order, most anomalous first, ties by image id.
-
-    The same computation as ``sroc.refinement.sroc_ranking``, which replaces it once on main.
-    """
-    with tqdm(total=2, desc="score", unit="step", file=sys.stderr, disable=not progress) as bar:
-        detector = factory().fit(features)
-        bar.update()
-        scores = _scores_only(detector, features)
-        bar.update()
-    order = np.lexsort((np.asarray(image_ids, dtype=str), -scores)).astype(np.int64)
-    return scores, order
 
 
 def _suspect_maps(
@@ -351,10 +319,15 @@ def run_clean(
         good, features, metadata, skipped, reused = _embedded(
             paths, backbone, cache_root, threads, skip_bad, progress
         )
-    image_ids = metadata["image_id"].to_numpy(str)
-    scores, order = self_score_ranking(features, image_ids, factory, progress)
+    from sroc.refinement import n_removed, sroc_ranking
+
+    # SROC self-scoring: the detector fitted on every image scores every image (leave-one-out).
+    with tqdm(total=1, desc="score", unit="fit", file=sys.stderr, disable=not progress) as bar:
+        ranking = sroc_ranking(features, metadata["image_id"].to_numpy(str), factory)
+        bar.update()
+    scores, order = ranking.scores, ranking.order
     contamination = estimate_contamination(scores)
-    n_suspects = round_half_up((contamination if ratio == "auto" else ratio) * len(scores))
+    n_suspects = n_removed(len(scores), contamination if ratio == "auto" else ratio)
     suspects, kept = order[:n_suspects], order[n_suspects:]
     if ratio == "auto":
         cut = tail_cut(scores)
@@ -400,7 +373,7 @@ def run_clean(
         "score cut": cut,
         "detector": detector,
         "detector parameters": json.dumps(factory().get_params(), sort_keys=True, default=str),
-        "strategy": "SROC self-scoring (leave-one-out where the detector supports it)",
+        "strategy": "SROC self-scoring, leave-one-out",
         "backbone": json.dumps(backbone.to_dict(), sort_keys=True),
         "embedding cache": "reused" if reused else ("built" if cache_dir else "not kept"),
         "threads": threads,

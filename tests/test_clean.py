@@ -14,10 +14,17 @@ import pytest
 from PIL import Image
 
 import sroc
-from sroc.clean import CleanError, copy_images, list_images, run_clean, self_score_ranking
+from sroc.clean import (
+    DEFAULT_DETECTOR,
+    CleanError,
+    copy_images,
+    detector_factory,
+    list_images,
+    run_clean,
+)
 from sroc.cli import main
 from sroc.datasets import make_synthetic_dataset
-from sroc.detectors import KNNDetector
+from sroc.refinement import sroc_ranking
 
 SHARED_DATA = next(
     (p / "shared" / "data" for p in Path(__file__).resolve().parents if (p / "shared").is_dir()),
@@ -83,21 +90,22 @@ def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
 # Ranking against a brute-force reference
 
 
-def test_self_score_ranking_is_leave_one_out_knn_with_ties_by_id():
+def test_default_ranking_is_leave_one_out_knn_with_ties_by_id():
     rng = np.random.default_rng(0)
     features = {"a": rng.normal(size=(12, 3, 2, 2)).astype(np.float32)}
     features["a"][7] = features["a"][3]  # a tie: identical images score alike
     ids = np.array([f"img{i:02d}" for i in range(12)])
-    factory = lambda: KNNDetector(n_neighbors=3, exclude_self=True)  # noqa: E731
-    scores, order = self_score_ranking(features, ids, factory)
+    factory = detector_factory(DEFAULT_DETECTOR, None, threads=1, random_state=0, exclude_self=True)
+    ranking = sroc_ranking(features, ids, factory)
     pooled = features["a"].astype(np.float64).mean(axis=(2, 3))
     distances = np.linalg.norm(pooled[:, None] - pooled[None], axis=2)
     np.fill_diagonal(distances, np.inf)
-    expected = np.sort(distances, axis=1)[:, :3].mean(axis=1)
-    np.testing.assert_allclose(scores, expected, rtol=1e-6)
-    assert sorted(order.tolist()) == list(range(12))
-    assert np.all(np.diff(scores[order]) <= 1e-12)
-    assert order.tolist().index(3) < order.tolist().index(7)
+    expected = np.sort(distances, axis=1)[:, :5].mean(axis=1)
+    np.testing.assert_allclose(ranking.scores, expected, rtol=1e-6)
+    order = ranking.order.tolist()
+    assert sorted(order) == list(range(12))
+    assert np.all(np.diff(ranking.scores[ranking.order]) <= 1e-12)
+    assert order.index(3) < order.index(7)
 
 
 # --------------------------------------------------------------------------------------------
