@@ -1,0 +1,606 @@
+"""Clean an unlabelled set of images before training: which images should be dropped?
+
+:func:`clean` embeds the images with the frozen backbone (through the HDF5 embedding cache of
+``sroc.embeddings``), fits a detector on all of them and scores every image against the others
+(SROC self-scoring; KNN leave-one-out by default), then flags the highest-scored images as
+suspects: as many as the contamination estimated from the scores (``ratio="auto"``,
+:mod:`sroc.contamination`) or a fixed fraction. :func:`write_outputs` writes the lists, the
+scores and a self-contained HTML report; :func:`copy_images` copies the kept images elsewhere.
+Nothing here writes into, moves or deletes an input file. ``sroc clean`` (``sroc.cli``) is the
+command-line front end; docs/clean.md documents both.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import html
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from sroc.contamination import DEFAULT_THRESHOLD, estimate_contamination, tail_cut
+from sroc.data import DatasetError, read_image
+from sroc.io import atomic_path, write_text_atomic
+
+# torch, faiss and h5py are imported where they are used: ``import sroc`` imports this module
+# (so that ``sroc.clean`` is the function), and must stay light for every other use of sroc.
+if TYPE_CHECKING:
+    from sroc.backbones import BackboneConfig
+    from sroc.detectors import BaseDetector
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff")
+MIN_IMAGES = 10
+# More than half the set removed means the "bulk" is no longer healthy: no self-scoring can work.
+MAX_RATIO = 0.5
+DEFAULT_DETECTOR = "knn"
+# KNN on pooled features, each image scored against the others (leave-one-out): the cheapest
+# detector, and the one whose self-scores do not see the image itself at distance 0.
+DEFAULT_DETECTOR_PARAMS: dict[str, dict] = {"knn": {"n_neighbors": 5}}
+_CACHE_CATEGORY = "images"
+_MAP_CHUNK = 8
+_THUMBNAIL_PX = 160
+_BORDERLINE_SHOWN = 12
+_PROBLEMS_SHOWN = 20
+
+
+class CleanError(ValueError):
+    """The images cannot be cleaned as asked; the message names the file or value and the fix."""
+
+
+@dataclasses.dataclass
+class CleanRun:
+    """Everything one cleaning computed: ``frame`` (what :func:`clean` returns), the settings and
+    notes shown in the report, the skipped files, and the suspects' anomaly maps."""
+
+    frame: pd.DataFrame
+    settings: dict
+    notes: list[str]
+    skipped: list[tuple[str, str]]
+    cut: float
+    suspect_maps: dict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------------------------
+# Listing and checking the images
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Every image file (png, jpg, jpeg, bmp, tif, tiff; any case) under ``folder``, nested
+    folders included, sorted; hidden files and folders (names starting with ".") are left out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CleanError(f"{folder}: not a folder. Fix: give the folder that holds the images")
+    images = sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        and path.is_file()
+    )
+    if not images:
+        raise CleanError(
+            f"{folder}: no image ({', '.join(s[1:] for s in IMAGE_SUFFIXES)}) in it or its "
+            "subfolders. Fix: give the folder that holds the images"
+        )
+    return images
+
+
+def _decode_problem(path: Path) -> str | None:
+    try:
+        read_image(path)
+    except DatasetError as error:
+        return str(error)
+    return None
+
+
+def _find_unreadable(paths: Sequence[Path], threads: int, progress: bool) -> list[tuple[str, str]]:
+    """``(path, problem)`` of every file that does not decode to an RGB image."""
+    with ThreadPoolExecutor(threads) as pool:
+        problems = list(
+            tqdm(
+                pool.map(_decode_problem, paths),
+                total=len(paths),
+                desc="check",
+                unit="img",
+                file=sys.stderr,
+                disable=not progress,
+            )
+        )
+    return [(str(p), problem) for p, problem in zip(paths, problems, strict=True) if problem]
+
+
+def _unreadable_error(bad: Sequence[tuple[str, str]]) -> CleanError:
+    shown = "\n".join(f"  {problem}" for _, problem in bad[:_PROBLEMS_SHOWN])
+    more = f"\n  ... and {len(bad) - _PROBLEMS_SHOWN} more" if len(bad) > _PROBLEMS_SHOWN else ""
+    return CleanError(
+        f"{len(bad)} image(s) cannot be read:\n{shown}{more}\nFix: repair or remove them, or "
+        "leave them out with --skip-bad (skip_bad=True)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding through the cache
+
+
+def _cache_path(cache_dir: Path, config: BackboneConfig, paths: Sequence[Path]) -> Path:
+    """One cache per (backbone configuration, exact set of files): a file added, removed or
+    rewritten (size or modification time) gives another cache."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return cache_dir / f"{config.tag()}-{digest.hexdigest()[:16]}.h5"
+
+
+def _index(paths: Sequence[Path]) -> pd.DataFrame:
+    """The index that ``build_cache`` expects, for unlabelled images (ids = absolute paths)."""
+    return pd.DataFrame(
+        {
+            "image_id": [str(path.resolve()) for path in paths],
+            "category": _CACHE_CATEGORY,
+            "origin": "unlabelled",
+            "defect_type": "unknown",
+            "label": -1,
+            "path": [str(path) for path in paths],
+            "mask_path": "",
+        }
+    )
+
+
+def _embedded(
+    paths: Sequence[Path],
+    config: BackboneConfig,
+    cache_dir: Path,
+    threads: int,
+    skip_bad: bool,
+    progress: bool,
+) -> tuple[list[Path], dict[str, np.ndarray], pd.DataFrame, list[tuple[str, str]], bool]:
+    """Features of the readable images, their metadata, the unreadable files and whether the
+    cache was reused."""
+    from sroc.embeddings import build_cache, load_features, read_cache_index
+
+    cache = _cache_path(cache_dir, config, paths)
+    reused = cache.is_file()
+    if reused:
+        # The files left out of the cache are those found unreadable when it was built.
+        cached = set(read_cache_index(cache)["image_id"])
+        bad = _find_unreadable([p for p in paths if str(p.resolve()) not in cached], threads, False)
+    else:
+        bad = _find_unreadable(paths, threads, progress)
+    if bad and not skip_bad:
+        raise _unreadable_error(bad)
+    bad_paths = {path for path, _ in bad}
+    good = [path for path in paths if str(path) not in bad_paths]
+    _check_count(len(good), len(bad))
+    if not reused:
+        build_cache(_index(good), cache, config, threads=threads, progress=progress)
+    else:
+        logger.info("reusing the embedding cache %s", cache)
+    features, metadata = load_features(cache, [str(path.resolve()) for path in good])
+    return good, features, metadata, bad, reused
+
+
+def _check_count(n_good: int, n_bad: int) -> None:
+    if n_good < MIN_IMAGES:
+        skipped = f" ({n_bad} unreadable skipped)" if n_bad else ""
+        raise CleanError(
+            f"only {n_good} readable image(s){skipped}; cleaning needs at least {MIN_IMAGES}: "
+            "the healthy bulk is learned from the images themselves. Fix: give a folder with "
+            "more images"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+
+
+def detector_factory(
+    detector: str,
+    params: Mapping | None,
+    threads: int,
+    random_state: int,
+    exclude_self: bool,
+) -> Callable[[], BaseDetector]:
+    """A zero-argument callable returning a fresh unfitted detector (the refinement contract).
+
+    ``params`` default to :data:`DEFAULT_DETECTOR_PARAMS`. ``exclude_self`` is passed to the
+    detector (leave-one-out self-scoring) unless ``params`` set it.
+    """
+    from sroc.detectors import DETECTORS, make_detector
+
+    if detector not in DETECTORS:
+        raise CleanError(f"unknown detector {detector!r}. Fix: choose one of {sorted(DETECTORS)}")
+    params = dict(DEFAULT_DETECTOR_PARAMS.get(detector, {}) if params is None else params)
+    params.setdefault("exclude_self", exclude_self)
+    return lambda: make_detector(detector, n_jobs=threads, random_state=random_state, **params)
+
+
+def _suspect_maps(
+    features: Mapping[str, np.ndarray],
+    suspects: np.ndarray,
+    kept: np.ndarray,
+    factory: Callable[[], BaseDetector],
+    progress: bool,
+) -> np.ndarray:
+    """Anomaly maps of the suspects by a detector fitted on the kept images only, so that a
+    suspect is compared with the healthy set and not with itself or the other suspects."""
+    detector = factory().fit({stage: values[kept] for stage, values in features.items()})
+    maps = []
+    with tqdm(
+        total=len(suspects), desc="maps", unit="img", file=sys.stderr, disable=not progress
+    ) as bar:
+        for start in range(0, len(suspects), _MAP_CHUNK):
+            chunk = suspects[start : start + _MAP_CHUNK]
+            maps.append(detector.score({s: v[chunk] for s, v in features.items()})[1])
+            bar.update(len(chunk))
+    return np.concatenate(maps) if maps else np.empty((0, 0, 0), np.float32)
+
+
+def _checked_ratio(ratio: str | float) -> str | float:
+    if isinstance(ratio, str) and ratio.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise CleanError(
+            f"ratio {ratio!r} is neither 'auto' nor a number. Fix: use auto or a fraction such "
+            "as 0.05"
+        ) from None
+    if not 0 <= value <= MAX_RATIO:
+        raise CleanError(
+            f"ratio {value} is outside [0, {MAX_RATIO}]. Fix: give the fraction of images to "
+            f"drop (0.05 = 5 %); beyond {MAX_RATIO} the healthy images are no longer the bulk"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# The whole cleaning
+
+
+def run_clean(
+    paths: Sequence[str | os.PathLike],
+    ratio: str | float = "auto",
+    detector: str = DEFAULT_DETECTOR,
+    detector_params: Mapping | None = None,
+    backbone: BackboneConfig | Mapping | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    threads: int = 1,
+    device: str | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+    random_state: int = 0,
+    maps: bool = True,
+) -> CleanRun:
+    """:func:`clean`, returning everything the report needs (see :class:`CleanRun`); ``maps``
+    computes the suspects' anomaly maps."""
+    paths = [Path(path) for path in paths]
+    if not paths:
+        raise CleanError("no image given. Fix: pass the paths of the images to clean")
+    resolved = pd.Series([str(path.resolve()) for path in paths])
+    if resolved.duplicated().any():
+        repeated = resolved[resolved.duplicated()].tolist()[:5]
+        raise CleanError(f"images given twice: {repeated}. Fix: list each image once")
+    missing = [str(path) for path in paths if not path.is_file()][:5]
+    if missing:
+        raise CleanError(f"no such file(s): {missing}. Fix: check the paths")
+    if not isinstance(threads, int) or threads < 1:
+        raise CleanError(f"threads must be a positive integer, got {threads!r}")
+    ratio = _checked_ratio(ratio)
+    from sroc.backbones import BackboneConfig
+
+    if backbone is None:
+        backbone = BackboneConfig()
+    elif isinstance(backbone, Mapping):
+        backbone = BackboneConfig.from_dict(backbone)
+    if device is not None:
+        backbone = dataclasses.replace(backbone, device=device)
+    factory = detector_factory(detector, detector_params, threads, random_state, True)
+
+    with tempfile.TemporaryDirectory(prefix="sroc-clean-") as scratch:
+        cache_root = Path(cache_dir) if cache_dir is not None else Path(scratch)
+        good, features, metadata, skipped, reused = _embedded(
+            paths, backbone, cache_root, threads, skip_bad, progress
+        )
+    from sroc.refinement import n_removed, sroc_ranking
+
+    # SROC self-scoring: the detector fitted on every image scores every image (leave-one-out).
+    with tqdm(total=1, desc="score", unit="fit", file=sys.stderr, disable=not progress) as bar:
+        ranking = sroc_ranking(features, metadata["image_id"].to_numpy(str), factory)
+        bar.update()
+    scores, order = ranking.scores, ranking.order
+    contamination = estimate_contamination(scores)
+    n_suspects = n_removed(len(scores), contamination if ratio == "auto" else ratio)
+    suspects, kept = order[:n_suspects], order[n_suspects:]
+    if ratio == "auto":
+        cut = tail_cut(scores)
+    elif n_suspects:
+        cut = float((scores[suspects[-1]] + scores[kept[0]]) / 2)
+    else:
+        cut = float(scores.max())
+
+    rank = np.empty(len(scores), np.int64)
+    rank[order] = np.arange(1, len(scores) + 1)
+    is_suspect = np.zeros(len(scores), bool)
+    is_suspect[suspects] = True
+    frame = pd.DataFrame(
+        {
+            "path": [str(path) for path in good],
+            "score": scores,
+            "rank": rank,
+            "suspect": is_suspect,
+            "height": metadata["height"].to_numpy(),
+            "width": metadata["width"].to_numpy(),
+        }
+    ).sort_values("rank", ignore_index=True)
+
+    notes = []
+    sizes = frame[["height", "width"]].drop_duplicates()
+    if len(sizes) > 1:
+        notes.append(
+            f"The images come in {len(sizes)} sizes (e.g. "
+            + ", ".join(f"{h}x{w}" for h, w in sizes.head(3).itertuples(index=False))
+            + f", HxW); every image is resized to {backbone.input_size}x{backbone.input_size} "
+            "before embedding, so parts of other aspect ratios are squashed differently."
+        )
+    if skipped:
+        notes.append(f"{len(skipped)} unreadable file(s) skipped (--skip-bad); listed below.")
+    for note in notes:
+        logger.warning("%s", note)
+    settings = {
+        "images": len(frame),
+        "suspects": int(n_suspects),
+        "ratio": ratio if ratio == "auto" else float(ratio),
+        "estimated contamination": contamination,
+        "z-score threshold (auto)": DEFAULT_THRESHOLD,
+        "score cut": cut,
+        "detector": detector,
+        "detector parameters": json.dumps(factory().get_params(), sort_keys=True, default=str),
+        "strategy": "SROC self-scoring, leave-one-out",
+        "backbone": json.dumps(backbone.to_dict(), sort_keys=True),
+        "embedding cache": "reused" if reused else ("built" if cache_dir else "not kept"),
+        "threads": threads,
+        "random state": random_state,
+    }
+    suspect_maps = {}
+    if maps and n_suspects:
+        against_kept = detector_factory(detector, detector_params, threads, random_state, False)
+        suspect_maps = dict(
+            zip(
+                (str(good[position]) for position in suspects),
+                _suspect_maps(features, suspects, kept, against_kept, progress),
+                strict=True,
+            )
+        )
+    frame.attrs["settings"] = settings
+    frame.attrs["notes"] = notes
+    return CleanRun(frame, settings, notes, skipped, cut, suspect_maps)
+
+
+def clean(
+    paths: Sequence[str | os.PathLike],
+    ratio: str | float = "auto",
+    detector: str = DEFAULT_DETECTOR,
+    detector_params: Mapping | None = None,
+    backbone: BackboneConfig | Mapping | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    threads: int = 1,
+    device: str | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+    random_state: int = 0,
+) -> pd.DataFrame:
+    """Score unlabelled images and flag the likely defective ones, without touching them.
+
+    Returns one row per readable image, most anomalous first, with columns ``path`` (as given),
+    ``score`` (the detector's self-score, higher = more anomalous), ``rank`` (1 = most
+    anomalous), ``suspect`` (bool) and the original ``height`` and ``width``;
+    ``frame.attrs["settings"]`` and ``frame.attrs["notes"]`` describe the run.
+
+    - ``ratio``: ``"auto"`` (estimated from the scores, :mod:`sroc.contamination`) or the
+      fraction of images to flag, in [0, 0.5].
+    - ``detector``, ``detector_params``: a detector of ``sroc.detectors`` (default KNN, k=5,
+      leave-one-out self-scores).
+    - ``backbone``: a :class:`~sroc.backbones.BackboneConfig` or its dict (default: the project's
+      tf_efficientnet_lite2 at 380 px); ``device`` overrides its device ("cpu", "cuda").
+    - ``cache_dir``: where the embedding cache is kept so that a second call on the same files
+      reuses it (default: a temporary folder, removed afterwards).
+    - ``skip_bad``: leave unreadable files out (logged) instead of raising :class:`CleanError`.
+    """
+    return run_clean(
+        paths,
+        ratio=ratio,
+        detector=detector,
+        detector_params=detector_params,
+        backbone=backbone,
+        cache_dir=cache_dir,
+        threads=threads,
+        device=device,
+        skip_bad=skip_bad,
+        progress=progress,
+        random_state=random_state,
+        maps=False,
+    ).frame
+
+
+# --------------------------------------------------------------------------------------------
+# Outputs
+
+
+def write_outputs(run: CleanRun, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``scores.csv``, ``clean.txt``, ``suspects.txt`` and ``report.html`` into
+    ``out_dir``, each atomically; returns their paths by name."""
+    out_dir = Path(out_dir)
+    frame = run.frame
+    outputs = {name: out_dir / name for name in ("scores.csv", "clean.txt", "suspects.txt")}
+    with atomic_path(outputs["scores.csv"], suffix=".csv.tmp") as temporary:
+        frame[["path", "score", "rank", "suspect"]].to_csv(temporary, index=False)
+    for name, selection in (("clean.txt", ~frame["suspect"]), ("suspects.txt", frame["suspect"])):
+        write_text_atomic(outputs[name], "".join(f"{p}\n" for p in frame.loc[selection, "path"]))
+    outputs["report.html"] = out_dir / "report.html"
+    write_text_atomic(outputs["report.html"], report_html(run))
+    return outputs
+
+
+def copy_images(
+    paths: Sequence[str | os.PathLike], root: str | os.PathLike, destination: str | os.PathLike
+) -> Path:
+    """Copy ``paths`` (files under ``root``) into the new folder ``destination``, keeping their
+    paths relative to ``root`` and their modification times. Refuses an existing
+    ``destination``; the folder appears only once every file is copied."""
+    root, destination = Path(root), Path(destination)
+    if destination.exists():
+        raise CleanError(
+            f"{destination} already exists; copying the kept images never overwrites. Fix: "
+            "give a new folder"
+        )
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        for path in paths:
+            target = building / Path(path).relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+        os.rename(building, destination)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return destination
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _thumbnail(path: str) -> Image.Image:
+    image = Image.fromarray(read_image(path))
+    image.thumbnail((_THUMBNAIL_PX, _THUMBNAIL_PX), Image.Resampling.BILINEAR)
+    return image
+
+
+def _overlay(thumbnail: Image.Image, anomaly_map: np.ndarray, low: float, high: float):
+    """The thumbnail beside itself with the map blended in (jet colours, opacity rising with the
+    anomaly), on a colour scale shared by all suspects."""
+    from matplotlib import colormaps
+
+    level = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0).astype(np.float32)
+    level = np.asarray(
+        Image.fromarray(level, mode="F").resize(thumbnail.size, Image.Resampling.BILINEAR)
+    )
+    colours = colormaps["jet"](level)[:, :, :3] * 255
+    alpha = 0.15 + 0.55 * level[:, :, None]
+    base = np.asarray(thumbnail, dtype=np.float32)
+    blended = Image.fromarray((base * (1 - alpha) + colours * alpha).astype(np.uint8))
+    pair = Image.new("RGB", (thumbnail.width * 2 + 4, thumbnail.height), "white")
+    pair.paste(thumbnail, (0, 0))
+    pair.paste(blended, (thumbnail.width + 4, 0))
+    return pair
+
+
+def _histogram(run: CleanRun) -> str:
+    from matplotlib.figure import Figure
+
+    frame = run.frame
+    figure = Figure(figsize=(7, 3), dpi=100)
+    axes = figure.subplots()
+    bins = np.histogram_bin_edges(frame["score"], bins=min(60, max(20, len(frame) // 3)))
+    axes.hist(frame.loc[~frame["suspect"], "score"], bins=bins, color="tab:blue", label="kept")
+    axes.hist(frame.loc[frame["suspect"], "score"], bins=bins, color="tab:red", label="suspect")
+    axes.axvline(run.cut, color="black", linestyle="--", label=f"cut {run.cut:.4g}")
+    axes.set_xlabel("self-score (higher = more anomalous)")
+    axes.set_ylabel("images")
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _figure(src: str, caption: str) -> str:
+    return f'<figure><img src="{src}" alt=""><figcaption>{caption}</figcaption></figure>'
+
+
+def _caption(row) -> str:
+    return f"#{row.rank} &middot; score {row.score:.4g}<br><code>{html.escape(row.path)}</code>"
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+.grid { display: flex; flex-wrap: wrap; gap: 12px; }
+figure { margin: 0; padding: 6px; border: 1px solid #ccc; max-width: 340px; }
+figcaption { font-size: 12px; word-break: break-all; }
+table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 3px 8px; }
+.note { background: #fff6d6; padding: 6px 10px; }
+"""
+
+
+def report_html(run: CleanRun) -> str:
+    """The self-contained report: suspects first (thumbnail beside its anomaly map overlay), the
+    borderline kept images, the score histogram with the cut, the settings, the skipped files."""
+    frame = run.frame
+    suspects = frame[frame["suspect"]]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>sroc clean report</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>sroc clean: {len(suspects)} suspect(s) among {len(frame)} images</h1>",
+        *(f"<p class='note'>{html.escape(note)}</p>" for note in run.notes),
+        f"<h2>Suspects ({len(suspects)}), most anomalous first</h2>",
+    ]
+    if suspects.empty:
+        parts.append("<p>No suspect: every image is kept.</p>")
+    else:
+        parts.append(
+            "<p>Each suspect beside its anomaly map (computed against the kept images; one "
+            "colour scale for all suspects, blue = typical, red = most anomalous).</p>"
+        )
+        if run.suspect_maps:
+            stacked = np.stack(list(run.suspect_maps.values()))
+            low, high = float(np.median(stacked)), float(stacked.max())
+        parts.append("<div class='grid'>")
+        for row in suspects.itertuples(index=False):
+            thumbnail = _thumbnail(row.path)
+            image = (
+                _overlay(thumbnail, run.suspect_maps[row.path], low, high)
+                if row.path in run.suspect_maps
+                else thumbnail
+            )
+            parts.append(_figure(_png_data_uri(image), _caption(row)))
+        parts.append("</div>")
+    borderline = frame[~frame["suspect"]].head(_BORDERLINE_SHOWN)
+    parts.append(f"<h2>Borderline kept images (the {len(borderline)} highest-scored)</h2>")
+    parts.append("<div class='grid'>")
+    for row in borderline.itertuples(index=False):
+        parts.append(_figure(_png_data_uri(_thumbnail(row.path)), _caption(row)))
+    parts.append("</div>")
+    parts.append("<h2>Score histogram</h2>")
+    parts.append(f"<img src='{_histogram(run)}' alt='histogram of the self-scores'>")
+    parts.append("<h2>Settings</h2><table>")
+    for key, value in run.settings.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        parts.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(shown)}</td></tr>")
+    parts.append("</table>")
+    if run.skipped:
+        parts.append(f"<h2>Skipped unreadable files ({len(run.skipped)})</h2><ul>")
+        parts.extend(f"<li>{html.escape(problem)}</li>" for _, problem in run.skipped)
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
