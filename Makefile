@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	$(BIN)/snakemake --profile profiles/default --cores $(CORES)
+	$(BIN)/snakemake --profile profiles/default --report results/elpv/report.html
 
 lint: setup
 	$(BIN)/ruff check .
