@@ -72,7 +72,7 @@ REFINEMENT_DEFAULTS = {
 }
 DEFAULT_SEEDS = [0, 1, 2]
 REFIT_STRATEGIES = ("sroc", "random", "cross_validation", "stoc", "by_refiner")
-FAISS_KMEANS_ITERATIONS = 25  # faiss ClusteringParameters.niter, used by IVF training
+FAISS_KMEANS_ITERATIONS = 10  # faiss IndexIVF.cp.niter: k-means iterations of IVF training
 # Quick mode: the real backbone's channels (tf_efficientnet_lite2 blocks.2/4/5) on tiny grids.
 QUICK_SHAPES = {"blocks.2": (48, 8, 8), "blocks.4": (120, 4, 4), "blocks.5": (208, 2, 2)}
 
