@@ -343,7 +343,7 @@ def _cell_from_cache(cache: Path, config: dict) -> Cell:
         train={s: a[:n] for s, a in features.items()},
         test={s: a[n:] for s, a in features.items()},
         n_polluted=int(train["polluted"].sum()),
-        has_masks=bool(test["mask_path"].notna().any()),
+        has_masks=bool((test["mask_path"].fillna("") != "").any()),  # "" where no mask
         cache=cache,
         train_ids=train_ids,
     )
