@@ -237,6 +237,7 @@ class Cost:
     score_image_s: float
     self_s: float
     image_only: str  # how image-only scoring was measured
+    image_only_computes_maps: bool  # score(maps=False) is missing or computed maps anyway
     fit_flops: float
     score_maps_flops: float
     score_image_flops: float
@@ -280,6 +281,8 @@ def measure(spec: DetectorSpec, cell: Cell, random_state: int):
     image_only = "maps=False" if supported else "no maps argument: full score timed"
     if supported and maps is not None:
         image_only = "maps=False still returned maps"
+    # FLOPs of what ran: with maps when image-only scoring is not available.
+    image_maps = not supported or maps is not None
     # Refinement scores the training set leave-one-out where the detector offers it.
     self_detector = detector
     if "exclude_self" in type(detector)._get_param_names():
@@ -291,10 +294,11 @@ def measure(spec: DetectorSpec, cell: Cell, random_state: int):
         score_image_s,
         self_s,
         image_only,
+        image_maps,
         fit_flops(spec.type, detector, shapes, n_train),
         score_flops(spec.type, detector, shapes, n_train, n_test, True),
-        score_flops(spec.type, detector, shapes, n_train, n_test, False),
-        score_flops(spec.type, detector, shapes, n_train, n_train, False),
+        score_flops(spec.type, detector, shapes, n_train, n_test, image_maps),
+        score_flops(spec.type, detector, shapes, n_train, n_train, image_maps),
     )
     return cost, detector
 
@@ -410,7 +414,9 @@ def cell_seconds(spec, detector, cost: Cost, cell: Cell, config: dict, refiner: 
     def score(n_fit, n_score, maps):
         base_s = cost.score_maps_s if maps else cost.score_image_s
         base_flops = cost.score_maps_flops if maps else cost.score_image_flops
-        return base_s * score_flops(spec.type, detector, shapes, n_fit, n_score, maps) / base_flops
+        ran_maps = maps or cost.image_only_computes_maps
+        flops = score_flops(spec.type, detector, shapes, n_fit, n_score, ran_maps)
+        return base_s * flops / base_flops
 
     def test_run(n_fit):
         return fit(n_fit) + score(n_fit, n_test, test_maps)

@@ -154,8 +154,8 @@ def test_grid_projection_counts_every_fit_of_a_cell():
     detector = make_detector("knn").fit(cell.train)
     full_fit = fit_cost.fit_flops("knn", detector, shapes, n)
     tiny = 1e-12  # scoring: nearly free, but a nonzero measured time to scale from
-    cost = fit_cost.Cost(1.0, tiny, tiny, 0.0, "", full_fit, 1.0, 1.0, 1.0)
-    refiner = fit_cost.Cost(2.0, 0, 0, 3.0, "", 1.0, 1.0, 1.0, 1.0)
+    cost = fit_cost.Cost(1.0, tiny, tiny, 0.0, "", False, full_fit, 1.0, 1.0, 1.0)
+    refiner = fit_cost.Cost(2.0, 0, 0, 3.0, "", False, 1.0, 1.0, 1.0, 1.0)
     seconds, jobs = fit_cost.cell_seconds(spec, detector, cost, cell, config, refiner)
     fit_sizes = [n] * 3  # robustness curve
     fit_sizes += [n - n / 4] * 4  # cross-validation
@@ -166,3 +166,24 @@ def test_grid_projection_counts_every_fit_of_a_cell():
     expected = sum(fit_sizes) / n + 2.0 + 3.0  # plus the refiner's fit and self-score
     assert seconds == pytest.approx(expected, rel=1e-6)
     assert jobs == 3  # one rank job and one refine job per ratio > 0
+
+
+def test_image_only_scoring_is_detected_and_other_type_errors_propagate():
+    class WithoutMapsArgument:
+        def score(self, features):
+            return np.zeros(2), np.zeros((2, 3, 3), np.float32)
+
+    class WithMapsArgument:
+        def score(self, features, maps=True):
+            return np.zeros(2), None if not maps else np.zeros((2, 3, 3), np.float32)
+
+    class Broken:
+        def score(self, features, maps=True):
+            raise TypeError("unsupported operand")
+
+    (_, maps), supported = fit_cost._score(WithoutMapsArgument(), {}, False)
+    assert not supported and maps is not None
+    (_, maps), supported = fit_cost._score(WithMapsArgument(), {}, False)
+    assert supported and maps is None
+    with pytest.raises(TypeError, match="unsupported operand"):
+        fit_cost._score(Broken(), {}, False)
