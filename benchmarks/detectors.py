@@ -17,6 +17,7 @@ The machine is shared: times are noisy; ratios are measured within one run. The 
 ``min_ivf_recall: <x>``, the smallest recall@5 at the default ``n_probes`` over the categories.
 
     .venv/bin/python benchmarks/detectors.py [--category magnetic_tile/magnetic_tile ...]
+    .venv/bin/python benchmarks/detectors.py --quick   # tiny synthetic images, seconds
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +34,7 @@ import pandas as pd
 
 from sroc.backbones import BackboneConfig
 from sroc.data import index_category
+from sroc.datasets import make_synthetic_dataset
 from sroc.detectors import (
     DETECTORS,
     INTERPRETER_OVERHEAD_MB,
@@ -48,7 +51,13 @@ PROBE_SWEEP = (4, 8, 16, 24, 32, 48)
 
 
 def subset_cache(
-    data_root: Path, dataset_category: str, n_train: int, n_test: int, seed: int, cache_dir: Path
+    data_root: Path,
+    dataset_category: str,
+    n_train: int,
+    n_test: int,
+    seed: int,
+    cache_dir: Path,
+    config: BackboneConfig,
 ) -> tuple[Path, list[str], list[str]]:
     """Embed a seeded random subset of one category once; return the cache and the ids."""
     dataset, category = dataset_category.split("/")
@@ -59,7 +68,6 @@ def subset_cache(
     train = train.iloc[np.sort(rng.choice(len(train), min(n_train, len(train)), replace=False))]
     test = test.iloc[np.sort(rng.choice(len(test), min(n_test, len(test)), replace=False))]
     subset = pd.concat([train, test]).sort_values("image_id").reset_index(drop=True)
-    config = BackboneConfig()
     path = cache_dir / f"{dataset}-{category}-{len(train)}-{len(test)}-seed{seed}-{config.tag()}.h5"
     if not path.exists():
         build_cache(subset, path, config, threads=2, progress=False)
@@ -189,14 +197,44 @@ def main() -> None:
     parser.add_argument("--recall-queries", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", type=Path, default=REPO / "results" / "benchmarks")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny synthetic category at 64 px, embedded at 64 px: checks it runs, in seconds",
+    )
     args = parser.parse_args()
-    if not args.data_root.is_dir():
-        raise SystemExit(f"{args.data_root} not found: pass --data-root with the real datasets")
+    config = BackboneConfig()
+    with tempfile.TemporaryDirectory(prefix="sroc-bench-") as scratch:
+        if args.quick:
+            config = BackboneConfig(input_size=64)
+            make_synthetic_dataset(
+                Path(scratch) / "synthetic",
+                ["grid_texture"],
+                image_size=64,
+                n_train=12,
+                n_test_good=2,
+                n_test_per_defect=2,
+                defect_types=["spot"],
+            )
+            args.data_root, args.category = Path(scratch), ["synthetic/grid_texture"]
+            args.cache_dir, args.recall_queries = Path(scratch) / "cache", 200
+        if not args.data_root.is_dir():
+            raise SystemExit(f"{args.data_root} not found: pass --data-root with the real datasets")
+        run(args, config)
+
+
+def run(args: argparse.Namespace, config: BackboneConfig) -> None:
 
     recalls = []
     for dataset_category in args.category:
         cache, train_ids, test_ids = subset_cache(
-            args.data_root, dataset_category, args.n_train, args.n_test, args.seed, args.cache_dir
+            args.data_root,
+            dataset_category,
+            args.n_train,
+            args.n_test,
+            args.seed,
+            args.cache_dir,
+            config,
         )
         print(
             f"\n## {dataset_category}: {len(train_ids)} train, {len(test_ids)} test images, "

@@ -12,6 +12,7 @@ signal, like detector output, so nearly every pixel score is distinct. The two r
 to 1e-6 or the script exits with status 1. The last line is ``au_pro_speedup: <x>``.
 
     python benchmarks/metrics.py --n-maps 100 --size 1024
+    python benchmarks/metrics.py --quick    # 8 maps of 128x128, seconds: checks it still runs
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from bisect import bisect
 import numpy as np
 from scipy import ndimage
 
-from sroc.metrics import PixelGroundTruth, resize_bilinear
+from sroc.detectors import resize_maps
+from sroc.metrics import PixelGroundTruth
 
 DETECTOR_GRID = 48  # the finest feature grid of the default backbone
 
@@ -41,9 +43,9 @@ def synthetic_test_set(n_maps: int, size: int, seed: int) -> tuple[np.ndarray, n
                 r, c = rng.integers(0, size, 2)
                 radius_r, radius_c = rng.uniform(0.005, 0.08, 2) * size
                 masks[i] |= ((rows - r) / radius_r) ** 2 + ((cols - c) / radius_c) ** 2 <= 1
-        signal = resize_bilinear(masks[i].astype(np.float32), (DETECTOR_GRID, DETECTOR_GRID))
+        signal = resize_maps(masks[i][None].astype(np.float32), DETECTOR_GRID)[0]
         low_res = 1.5 * signal + rng.random((DETECTOR_GRID, DETECTOR_GRID), dtype=np.float32)
-        maps[i] = resize_bilinear(low_res, (size, size))
+        maps[i] = resize_maps(low_res[None], size)[0]
     return maps, masks
 
 
@@ -110,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fpr-limit", type=float, default=0.3)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each; best is kept")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick", action="store_true", help="8 maps of 128x128: checks it runs, in seconds"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.n_maps, args.size = 8, 128
 
     maps, masks = synthetic_test_set(args.n_maps, args.size, args.seed)
     print(f"maps: {args.n_maps} x {args.size}x{args.size} float32 = {maps.size:,} pixels")

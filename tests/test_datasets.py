@@ -1,4 +1,4 @@
-"""Dataset sources (sroc/datasets.py): download, safe extraction, MVTec, elpv, synthetic."""
+"""Dataset sources (sroc/datasets/): download, safe extraction, MVTec, elpv, synthetic."""
 
 from __future__ import annotations
 

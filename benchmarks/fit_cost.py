@@ -1,0 +1,547 @@
+"""Fit and scoring cost of every configured detector on real features, and the default grid's
+projected wall time.
+
+Features: the embedding caches that README command 1 builds, ``<--results>/<dataset>/
+embeddings/<category>/*.h5`` for every category of the config; or, with ``--data-root``, caches
+of ``--category dataset/category`` built under ``--cache-dir`` (as benchmarks/detectors.py
+does); or, with ``--quick``, tiny random features. One cell per category: the split of seed 0
+(``sroc.splits.make_split``), its training set at ``refinement.pollution_ratio`` and its test set.
+
+For each detector of the config (``detectors:`` as a dict or as a list of ``{name, type, params,
+threads}``), on its configured threads, it measures:
+
+- fit seconds;
+- test-scoring seconds, with maps and with image scores only (``score(features, maps=False)``;
+  when the detector's ``score`` has no ``maps`` argument, the script says so and reuses the
+  with-maps time);
+- training self-scoring seconds (image scores only; ``exclude_self=True`` where the detector has
+  it, as refinement scores the training set);
+- the FLOPs of the dominant linear algebra, counted from the shapes (2 per multiply-add; see
+  :func:`fit_flops` and :func:`score_flops`), and the achieved GFLOP/s as a fraction of this
+  machine's float32 matmul limit, measured in the same run with benchmarks/matmul_limit.py
+  (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset in a subprocess).
+
+It then projects the default grid. Per (category, seed, detector) cell the fits are: one per
+pollution ratio (robustness curve, test scored); one self-score at the refined pollution ratio
+(SROC, reusing that ratio's fit); ``n_folds`` fits on (1 - 1/n_folds) N scoring N/n_folds
+(cross-validation); ``n_folds`` fits on N/n_folds scoring all N (STOC); one oracle fit on the
+non-polluted images; for every refinement ratio r > 0 and every strategy among sroc, random,
+cross_validation, stoc and by_refiner one fit on round((1 - r) N) images scored on the test set;
+and the refiner's own fit and self-score. A fit or scoring of another size than the measured one
+is scaled by its FLOP count. Test sets get maps only when the dataset has masks. Every job
+(one ``rank`` and one ``refine`` per ratio r > 0 per cell) adds a measured overhead: a fresh
+Python, the imports and the feature load. Jobs run in parallel on ``--cores``: the grid's wall
+time is the sum of seconds x threads over the cores. The last line is
+``default_grid_minutes: <x>``.
+
+The machine is shared: times are noisy, ratios are measured within one run.
+
+    .venv/bin/python benchmarks/fit_cost.py --results results
+    .venv/bin/python benchmarks/fit_cost.py --data-root ../shared/data --category piped/PA_BDP01_TL
+    .venv/bin/python benchmarks/fit_cost.py --quick   # tiny random features, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from matmul_limit import measure_limit
+
+from sroc.detectors import make_detector
+from sroc.splits import make_split, n_injected, round_half_up, test_set, training_set
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "config" / "config.yaml"
+REFINEMENT_DEFAULTS = {
+    "pollution_ratio": 0.2,
+    "ratios": [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8],
+    "strategies": ["sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner"],
+    "n_folds": 5,
+    "refiner": "mahalanobis",
+    "refiner_params": {},
+}
+DEFAULT_SEEDS = [0, 1, 2]
+REFIT_STRATEGIES = ("sroc", "random", "cross_validation", "stoc", "by_refiner")
+FAISS_KMEANS_ITERATIONS = 10  # faiss IndexIVF.cp.niter: k-means iterations of IVF training
+# Quick mode: the real backbone's channels (tf_efficientnet_lite2 blocks.2/4/5) on tiny grids.
+QUICK_SHAPES = {"blocks.2": (48, 16, 16), "blocks.4": (120, 8, 8), "blocks.5": (208, 4, 4)}
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    name: str
+    type: str
+    params: dict
+    threads: int
+
+
+def detector_specs(config: dict) -> list[DetectorSpec]:
+    """The config's detectors, whether ``detectors:`` is a dict {name: {type, params, threads}}
+    or a list of {name, type, params, threads}."""
+    entries = config.get("detectors") or []
+    if isinstance(entries, dict):
+        entries = [{"name": name, **(spec or {})} for name, spec in entries.items()]
+    return [
+        DetectorSpec(
+            str(entry["name"]),
+            str(entry.get("type", entry["name"])),
+            dict(entry.get("params") or {}),
+            int(entry.get("threads", 1)),
+        )
+        for entry in entries
+    ]
+
+
+def refinement_settings(config: dict) -> dict:
+    return {**REFINEMENT_DEFAULTS, **(config.get("refinement") or {})}
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs of the dominant linear algebra, from the shapes (2 FLOPs per multiply-add)
+
+
+def _used_shapes(detector, shapes: dict) -> dict:
+    stages = getattr(detector, "stages_", None) or detector.stages or list(shapes)
+    return {s: shapes[s] for s in stages}
+
+
+def _pooling_flops(shapes: dict) -> int:
+    """Global average pooling of one image: one add per feature value."""
+    return sum(math.prod(chw) for chw in shapes.values())
+
+
+def _grid(shapes: dict) -> tuple[int, int, int]:
+    """(locations of the finest grid, concatenated channels, coarsest stage's C*H*W)."""
+    finest = max(shapes.values(), key=lambda chw: chw[1] * chw[2])
+    return finest[1] * finest[2], sum(chw[0] for chw in shapes.values())
+
+
+def _patchcore_bank(detector, shapes: dict, n_fit: float) -> tuple[float, int, float, int]:
+    """(patches, patch dim, memory bank size, coreset projection dim) for ``n_fit`` images."""
+    locations, channels = _grid(shapes)
+    dim = channels if detector.target_dim is None else int(detector.target_dim)
+    patches = n_fit * locations
+    memory = patches
+    projection = dim
+    if detector.coreset_ratio is not None and detector.coreset_ratio < 1:
+        memory = max(detector.n_neighbors, math.ceil(detector.coreset_ratio * patches))
+        projection = min(detector.coreset_projection_dim or dim, dim)
+    return patches, dim, memory, projection
+
+
+def _ivf_lists(detector, memory: float) -> int:
+    return detector._resolved_n_lists(int(memory))
+
+
+def fit_flops(detector_type: str, detector, shapes: dict, n_fit: float) -> float:
+    """FLOPs of fitting ``n_fit`` images."""
+    shapes = _used_shapes(detector, shapes)
+    locations, channels = _grid(shapes)
+    if detector_type == "knn":
+        return n_fit * _pooling_flops(shapes)  # the rest is a copy of the patches
+    if detector_type == "mahalanobis":
+        # Per stage: the covariance of the pooled features and its Cholesky factor.
+        return n_fit * _pooling_flops(shapes) + sum(
+            2 * n_fit * c**2 + c**3 / 3 for c, _, _ in shapes.values()
+        )
+    if detector_type == "padim":
+        dim = channels if detector.n_features is None else int(detector.n_features)
+        return locations * (2 * n_fit * dim**2 + dim**3 / 3)
+    if detector_type == "patchcore":
+        patches, dim, memory, projection = _patchcore_bank(detector, shapes, n_fit)
+        flops = 9 * patches * channels  # 3x3 local aggregation of every patch
+        if memory < patches:
+            if projection < dim:
+                flops += 2 * patches * dim * projection
+            flops += 2 * memory * patches * projection  # one matrix-vector product per pick
+        if detector.index == "ivfflat":
+            lists = _ivf_lists(detector, memory)
+            trained = min(memory, lists * detector.ivf_train_points_per_list)
+            flops += FAISS_KMEANS_ITERATIONS * 2 * trained * lists * dim
+        return flops
+    raise ValueError(f"no FLOP model for detector type {detector_type!r}")
+
+
+def score_flops(
+    detector_type: str, detector, shapes: dict, n_fit: float, n_score: float, maps: bool
+) -> float:
+    """FLOPs of scoring ``n_score`` images against a model fitted on ``n_fit``."""
+    shapes = _used_shapes(detector, shapes)
+    locations, channels = _grid(shapes)
+    pooling = n_score * _pooling_flops(shapes)
+    if detector_type == "knn":
+        flops = pooling + 2 * n_score * n_fit * channels
+        if maps:
+            k = detector.n_neighbors
+            if detector.gallery == "same_location":
+                flops += 3 * n_score * k * locations * channels
+            else:
+                flops += 2 * n_score * locations * k * locations * channels
+        return flops
+    if detector_type == "mahalanobis":
+        flops = pooling + sum(n_score * c**2 for c, _, _ in shapes.values())
+        if maps:  # Grad-CAM on the coarsest stage: a second triangular solve and a weighting
+            c, h, w = min(shapes.values(), key=lambda chw: chw[1] * chw[2])
+            flops += n_score * c**2 + 2 * n_score * c * h * w
+        return flops
+    if detector_type == "padim":
+        dim = channels if detector.n_features is None else int(detector.n_features)
+        return locations * n_score * dim**2  # a triangular solve per location; maps come free
+    if detector_type == "patchcore":
+        _, dim, memory, _ = _patchcore_bank(detector, shapes, n_fit)
+        queries = n_score * locations
+        flops = 9 * queries * channels
+        if detector.index == "ivfflat":
+            lists = _ivf_lists(detector, memory)
+            probes = min(detector.n_probes, lists)
+            return flops + 2 * queries * dim * (lists + probes * memory / lists)
+        return flops + 2 * queries * memory * dim
+    raise ValueError(f"no FLOP model for detector type {detector_type!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+
+
+@dataclass
+class Cell:
+    """One category's training set (at the refined pollution ratio) and test set."""
+
+    category: str
+    train: dict
+    test: dict
+    n_polluted: int
+    has_masks: bool
+    cache: Path | None = None
+    train_ids: list = field(default_factory=list)
+
+
+@dataclass
+class Cost:
+    fit_s: float
+    score_maps_s: float
+    score_image_s: float
+    self_s: float
+    image_only: str  # how image-only scoring was measured
+    image_only_computes_maps: bool  # score(maps=False) is missing or computed maps anyway
+    fit_flops: float
+    score_maps_flops: float
+    score_image_flops: float
+    self_flops: float
+
+
+def _timed(function):
+    started = time.perf_counter()
+    result = function()
+    return time.perf_counter() - started, result
+
+
+def _score(detector, features, maps: bool):
+    """score(features, maps=maps); (result, True) if the argument exists, else a full score."""
+    try:
+        return detector.score(features, maps=maps), True
+    except TypeError as error:
+        if "maps" not in str(error):
+            raise
+        return detector.score(features), False
+
+
+def measure(spec: DetectorSpec, cell: Cell, random_state: int):
+    """The :class:`Cost` of ``spec`` on ``cell``, and the detector fitted on its training set."""
+
+    def build(**extra):
+        return make_detector(
+            spec.type, **spec.params, **extra, n_jobs=spec.threads, random_state=random_state
+        )
+
+    shapes = {s: a.shape[1:] for s, a in cell.train.items()}
+    n_train, n_test = len(next(iter(cell.train.values()))), len(next(iter(cell.test.values())))
+    detector = build()
+    fit_s, _ = _timed(lambda: detector.fit(cell.train))
+    score_maps_s, ((scores, _), _) = _timed(lambda: _score(detector, cell.test, True))
+    score_image_s, ((image_scores, maps), supported) = _timed(
+        lambda: _score(detector, cell.test, False)
+    )
+    if not np.isfinite(scores).all() or not np.isfinite(image_scores).all():
+        raise RuntimeError(f"{spec.name}: non-finite scores")
+    image_only = "maps=False" if supported else "no maps argument: full score timed"
+    if supported and maps is not None:
+        image_only = "maps=False still returned maps"
+    # FLOPs of what ran: with maps when image-only scoring is not available.
+    image_maps = not supported or maps is not None
+    # Refinement scores the training set leave-one-out where the detector offers it.
+    self_detector = detector
+    if "exclude_self" in type(detector)._get_param_names():
+        self_detector = build(exclude_self=True).fit(cell.train)
+    self_s, _ = _timed(lambda: _score(self_detector, cell.train, False))
+    cost = Cost(
+        fit_s,
+        score_maps_s,
+        score_image_s,
+        self_s,
+        image_only,
+        image_maps,
+        fit_flops(spec.type, detector, shapes, n_train),
+        score_flops(spec.type, detector, shapes, n_train, n_test, True),
+        score_flops(spec.type, detector, shapes, n_train, n_test, image_maps),
+        score_flops(spec.type, detector, shapes, n_train, n_train, image_maps),
+    )
+    return cost, detector
+
+
+def job_overhead_seconds(cell: Cell, repeats: int = 2) -> float:
+    """Wall time of a fresh Python that imports what a detector job imports and loads the
+    cell's training features (imports only in quick mode, which has no cache)."""
+    load = ""
+    if cell.cache is not None:
+        load = f"load_features({str(cell.cache)!r}, {cell.train_ids!r})"
+    code = (
+        "import sroc.detectors, sroc.metrics, sroc.runs, sroc.splits\n"
+        f"from sroc.embeddings import load_features\n{load}\n"
+    )
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+# --------------------------------------------------------------------------------------------
+# Cells
+
+
+def _cell_from_cache(cache: Path, config: dict) -> Cell:
+    from sroc.embeddings import load_features, read_cache_index
+
+    pollution = config.get("pollution") or {}
+    refinement = refinement_settings(config)
+    index = read_cache_index(cache)
+    manifest = make_split(
+        index,
+        seed=0,
+        set_fraction=pollution.get("set_fraction", 0.2),
+        min_test_defective=pollution.get("min_test_defective", 1),
+    )
+    train = training_set(manifest, refinement["pollution_ratio"])
+    test = test_set(manifest)
+    train_ids, test_ids = train["image_id"].tolist(), test["image_id"].tolist()
+    features, _ = load_features(cache, train_ids + test_ids)
+    n = len(train_ids)
+    return Cell(
+        category=str(index["category"].iloc[0]),
+        train={s: a[:n] for s, a in features.items()},
+        test={s: a[n:] for s, a in features.items()},
+        n_polluted=int(train["polluted"].sum()),
+        has_masks=bool((test["mask_path"].fillna("") != "").any()),  # "" where no mask
+        cache=cache,
+        train_ids=train_ids,
+    )
+
+
+def _quick_cell(config: dict) -> Cell:
+    rng = np.random.default_rng(0)
+    n_train, n_test = 40, 10
+
+    def features(n):
+        return {s: rng.random((n, *chw), dtype=np.float32) for s, chw in QUICK_SHAPES.items()}
+
+    ratio = refinement_settings(config)["pollution_ratio"]
+    return Cell("random", features(n_train), features(n_test), n_injected(n_train, ratio), True)
+
+
+def _results_caches(results: Path, config: dict) -> list[Path]:
+    dataset = config["dataset"]["name"]
+    caches = []
+    for category in config["dataset"]["categories"]:
+        found = sorted((results / dataset / "embeddings" / category).glob("*.h5"))
+        if not found:
+            raise SystemExit(
+                f"no embedding cache under {results / dataset / 'embeddings' / category}: run "
+                "README command 1 first (or pass --data-root, or --quick)"
+            )
+        caches.append(found[-1])
+    return caches
+
+
+def _built_caches(args, config: dict) -> list[Path]:
+    from detectors import subset_cache
+
+    from sroc.backbones import BackboneConfig
+
+    backbone = BackboneConfig.from_dict(
+        {k: v for k, v in (config.get("backbone") or {}).items() if k != "threads"}
+    )
+    every = 10**9  # subset_cache keeps min(n, available): every image
+    return [
+        subset_cache(args.data_root, name, every, every, 0, args.cache_dir, backbone)[0]
+        for name in args.category
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Grid projection
+
+
+def cell_seconds(spec, detector, cost: Cost, cell: Cell, config: dict, refiner: Cost | None):
+    """Seconds of one (category, seed, detector) cell of the grid, and its number of jobs."""
+    refinement = refinement_settings(config)
+    strategies = set(refinement["strategies"])
+    folds = int(refinement["n_folds"])
+    shapes = {s: a.shape[1:] for s, a in cell.train.items()}
+    n = len(next(iter(cell.train.values())))
+    n_test = len(next(iter(cell.test.values())))
+    test_maps = cell.has_masks
+    measured_test_s = cost.score_maps_s if test_maps else cost.score_image_s
+
+    def fit(n_fit):
+        return cost.fit_s * fit_flops(spec.type, detector, shapes, n_fit) / cost.fit_flops
+
+    def score(n_fit, n_score, maps):
+        base_s = cost.score_maps_s if maps else cost.score_image_s
+        base_flops = cost.score_maps_flops if maps else cost.score_image_flops
+        ran_maps = maps or cost.image_only_computes_maps
+        flops = score_flops(spec.type, detector, shapes, n_fit, n_score, ran_maps)
+        return base_s * flops / base_flops
+
+    def test_run(n_fit):
+        return fit(n_fit) + score(n_fit, n_test, test_maps)
+
+    ratios = list((config.get("pollution") or {}).get("ratios", [0.0, 0.05, 0.1, 0.15, 0.2]))
+    seconds = len(ratios) * (cost.fit_s + measured_test_s)
+    if "sroc" in strategies:
+        seconds += cost.self_s
+    if "cross_validation" in strategies:
+        seconds += folds * (fit(n - n / folds) + score(n - n / folds, n / folds, False))
+    if "stoc" in strategies:
+        seconds += folds * (fit(n / folds) + score(n / folds, n, False))
+    if "oracle" in strategies:
+        seconds += test_run(n - cell.n_polluted)
+    refined = [r for r in refinement["ratios"] if r > 0]
+    for ratio in refined:
+        seconds += len(strategies & set(REFIT_STRATEGIES)) * test_run(
+            round_half_up((1 - ratio) * n)
+        )
+    if "by_refiner" in strategies and refiner is not None:
+        seconds += refiner.fit_s + refiner.self_s
+    return seconds, 1 + len(refined)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--results", type=Path, default=REPO / "results")
+    parser.add_argument("--data-root", type=Path, help="measure these categories instead")
+    parser.add_argument("--category", nargs="+", default=["piped/PA_BDP01_TL"])
+    parser.add_argument("--cache-dir", type=Path, default=REPO / "results" / "benchmarks")
+    parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--quick", action="store_true", help="tiny random features, seconds")
+    args = parser.parse_args(argv)
+    config = yaml.safe_load(args.config.read_text())
+    specs = detector_specs(config)
+    refinement = refinement_settings(config)
+    random_state = int(config.get("random_state", 0))
+    seeds = (config.get("pollution") or {}).get("seeds", DEFAULT_SEEDS)
+    categories = (config.get("dataset") or {}).get("categories", [])
+
+    if args.quick:
+        cells = [_quick_cell(config)]
+    else:
+        caches = (
+            _built_caches(args, config) if args.data_root else _results_caches(args.results, config)
+        )
+        cells = [_cell_from_cache(cache, config) for cache in caches]
+    print(
+        f"config {args.config}: detectors {[s.name for s in specs]}, {len(categories)} "
+        f"categories, seeds {list(seeds)}; load average {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs (a shared machine: times are noisy)"
+    )
+    limits = {
+        t: measure_limit(t, repeats=2 if args.quick else 5) for t in {s.threads for s in specs}
+    }
+    for threads, limit in sorted(limits.items()):
+        print(f"matmul limit on {threads} thread(s): {limit.describe()}")
+
+    refiner_spec = DetectorSpec(
+        "refiner", refinement["refiner"], dict(refinement["refiner_params"] or {}), 1
+    )
+    cell_totals = {}
+    for cell in cells:
+        n_train = len(next(iter(cell.train.values())))
+        n_test = len(next(iter(cell.test.values())))
+        print(
+            f"\n## {cell.category}: {n_train} train ({cell.n_polluted} polluted), {n_test} test "
+            f"images; test maps in the grid: {'yes' if cell.has_masks else 'no (no masks)'}"
+        )
+        overhead = job_overhead_seconds(cell, 1 if args.quick else 2)
+        print(f"per-job overhead (python, imports, feature load): {overhead:.2f} s")
+        refiner = None
+        if "by_refiner" in refinement["strategies"]:
+            refiner = measure(refiner_spec, cell, random_state)[0]
+        cell_totals[cell.category] = 0.0
+        rows = []
+        for spec in specs:
+            try:
+                cost, detector = measure(spec, cell, random_state)
+            except (TypeError, ValueError) as error:
+                if args.quick:  # quick mode checks that every detector still runs
+                    raise
+                print(f"{spec.name}: not measured ({error}); left out of the projection")
+                continue
+            limit = limits[spec.threads].gflops
+            seconds, jobs = cell_seconds(spec, detector, cost, cell, config, refiner)
+            job_seconds = (seconds + jobs * overhead) * spec.threads
+            cell_totals[cell.category] += job_seconds
+            rows.append(
+                {
+                    "detector": spec.name,
+                    "fit_s": cost.fit_s,
+                    "score_maps_s": cost.score_maps_s,
+                    "score_image_s": cost.score_image_s,
+                    "self_s": cost.self_s,
+                    "fit_gflop": cost.fit_flops / 1e9,
+                    "score_maps_gflop": cost.score_maps_flops / 1e9,
+                    "score_image_gflop": cost.score_image_flops / 1e9,
+                    "fit_of_limit": cost.fit_flops / cost.fit_s / 1e9 / limit,
+                    "score_image_of_limit": cost.score_image_flops
+                    / cost.score_image_s
+                    / 1e9
+                    / limit,
+                    "self_of_limit": cost.self_flops / cost.self_s / 1e9 / limit,
+                    "fit_plus_image_score_s": cost.fit_s + cost.score_image_s,
+                    "cell_min": seconds / 60,
+                    "image_only": cost.image_only,
+                }
+            )
+        print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"))
+
+    per_category = np.mean(list(cell_totals.values()))
+    if sorted(cell_totals) == sorted(categories):
+        total = sum(cell_totals.values()) * len(seeds)
+        basis = "each category measured"
+    else:
+        total = per_category * len(categories) * len(seeds)
+        basis = f"the mean of the measured cell(s) for each of the {len(categories)} categories"
+    print(
+        f"\ngrid: {len(categories)} categories x {len(seeds)} seeds x {len(specs)} detectors, "
+        f"{basis}; {total / 60:.1f} core-minutes over {args.cores} cores (embedding not counted)"
+    )
+    print(f"default_grid_minutes: {total / args.cores / 60:.2f}")
+
+
+if __name__ == "__main__":
+    main()

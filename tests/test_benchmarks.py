@@ -1,0 +1,189 @@
+"""The benchmarks in benchmarks/: every quick mode runs and prints its key figure, the matmul
+limit is measured without the OpenBLAS throttling variables, and fit_cost's grid projection
+counts the fits the grid runs."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import fit_cost  # noqa: E402
+from matmul_limit import THROTTLING_VARIABLES, measure_limit  # noqa: E402
+
+from sroc.detectors import make_detector  # noqa: E402
+from sroc.splits import round_half_up  # noqa: E402
+
+
+def run_quick(script: str) -> str:
+    """Run ``benchmarks/<script> --quick`` in a fresh process; return its stdout."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode == 0, f"{script} --quick failed:\n{completed.stderr[-4000:]}"
+    return completed.stdout
+
+
+def last_value(stdout: str, key: str) -> float:
+    last = stdout.strip().splitlines()[-1]
+    match = re.fullmatch(rf"{re.escape(key)}: (\S+)", last)
+    assert match, f"last line {last!r} is not '{key}: <number>'"
+    value = float(match.group(1))
+    assert math.isfinite(value), last
+    return value
+
+
+@pytest.mark.parametrize(
+    ("script", "key"),
+    [
+        ("metrics.py", "au_pro_speedup"),
+        ("matmul_limit.py", "matmul_limit_gflops"),
+        ("fit_cost.py", "default_grid_minutes"),
+        pytest.param("detectors.py", "min_ivf_recall", marks=pytest.mark.slow),
+        pytest.param("embed_throughput.py", "throughput_ratio", marks=pytest.mark.slow),
+    ],
+)
+def test_quick_mode_prints_its_key_figure(script, key):
+    assert last_value(run_quick(script), key) > 0
+
+
+def test_every_benchmark_has_a_quick_mode_test():
+    tested = {"metrics.py", "matmul_limit.py", "fit_cost.py", "detectors.py", "embed_throughput.py"}
+    scripts = {p.name for p in BENCHMARKS.glob("*.py")}
+    assert scripts == tested, f"add the quick mode of {sorted(scripts - tested)} to this test"
+
+
+def test_matmul_limit_runs_without_the_throttling_variables(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "1048576")
+    limit = measure_limit(threads=1, size=256, repeats=1)
+    assert limit.environment == {name: None for name in THROTTLING_VARIABLES}
+    assert limit.gflops > 0 and limit.threads == 1
+    assert limit.blas["internal_api"] in ("openblas", "mkl", "blis", "unknown")
+    # The variables stay set in this process.
+    assert os.environ["OPENBLAS_CORETYPE"] == "Haswell"
+
+
+def test_detector_specs_read_the_dict_and_the_list_shapes_alike():
+    as_dict = {
+        "detectors": {
+            "knn": {"type": "knn", "params": {"n_neighbors": 3}},
+            "mahalanobis": {"type": "mahalanobis"},
+            "padim": {"type": "padim", "params": {"n_features": 10}, "threads": 2},
+        }
+    }
+    as_list = {
+        "detectors": [
+            {"name": "knn", "type": "knn", "params": {"n_neighbors": 3}},
+            {"name": "mahalanobis", "type": "mahalanobis"},
+            {"name": "padim", "type": "padim", "params": {"n_features": 10}, "threads": 2},
+        ]
+    }
+    specs = fit_cost.detector_specs(as_dict)
+    assert specs == fit_cost.detector_specs(as_list)
+    assert [(s.name, s.type, s.params, s.threads) for s in specs] == [
+        ("knn", "knn", {"n_neighbors": 3}, 1),
+        ("mahalanobis", "mahalanobis", {}, 1),
+        ("padim", "padim", {"n_features": 10}, 2),
+    ]
+
+
+def test_flop_counts_match_torch_flop_counter_for_the_matmul_detectors():
+    """PaDiM's fit is one (d x n)(n x d) covariance product per location; KNN's image scoring is
+    one (m x D)(D x n) distance product: FlopCounterMode counts the same products."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shapes = {"a": (6, 4, 4), "b": (10, 2, 2)}
+    locations, channels, n, m, d = 16, 16, 30, 7, 5
+    padim = make_detector("padim", n_features=d)
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(locations):
+            torch.zeros(d, n) @ torch.zeros(n, d)
+    covariance_flops = counter.get_total_flops()
+    expected = covariance_flops + locations * d**3 / 3  # plus a Cholesky factor per location
+    assert fit_cost.fit_flops("padim", padim, shapes, n) == pytest.approx(expected)
+
+    knn = make_detector("knn")
+    with FlopCounterMode(display=False) as counter:
+        torch.zeros(m, channels) @ torch.zeros(channels, n)
+    pooling = m * sum(math.prod(chw) for chw in shapes.values())
+    flops = fit_cost.score_flops("knn", knn, shapes, n, m, maps=False)
+    assert flops == pytest.approx(counter.get_total_flops() + pooling)
+
+
+def test_grid_projection_counts_every_fit_of_a_cell():
+    """With fits costing n_fit / N seconds and free scoring, a cell costs the sum of its fit
+    sizes over N, enumerated here from the grid's definition."""
+    config = {
+        "pollution": {"ratios": [0.0, 0.1, 0.2]},
+        "refinement": {
+            "pollution_ratio": 0.2,
+            "ratios": [0.0, 0.25, 0.5],
+            "strategies": ["sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner"],
+            "n_folds": 4,
+        },
+    }
+    rng = np.random.default_rng(0)
+    n, n_test, n_polluted = 40, 10, 8
+    shapes = {"a": (6, 4, 4)}
+    cell = fit_cost.Cell(
+        "c",
+        {"a": rng.random((n, *shapes["a"]), dtype=np.float32)},
+        {"a": rng.random((n_test, *shapes["a"]), dtype=np.float32)},
+        n_polluted,
+        has_masks=False,
+    )
+    spec = fit_cost.DetectorSpec("knn", "knn", {}, 1)
+    detector = make_detector("knn").fit(cell.train)
+    full_fit = fit_cost.fit_flops("knn", detector, shapes, n)
+    tiny = 1e-12  # scoring: nearly free, but a nonzero measured time to scale from
+    cost = fit_cost.Cost(1.0, tiny, tiny, 0.0, "", False, full_fit, 1.0, 1.0, 1.0)
+    refiner = fit_cost.Cost(2.0, 0, 0, 3.0, "", False, 1.0, 1.0, 1.0, 1.0)
+    seconds, jobs = fit_cost.cell_seconds(spec, detector, cost, cell, config, refiner)
+    fit_sizes = [n] * 3  # robustness curve
+    fit_sizes += [n - n / 4] * 4  # cross-validation
+    fit_sizes += [n / 4] * 4  # STOC
+    fit_sizes += [n - n_polluted]  # oracle
+    for ratio in (0.25, 0.5):  # sroc, random, cross_validation, stoc, by_refiner
+        fit_sizes += [round_half_up((1 - ratio) * n)] * 5
+    expected = sum(fit_sizes) / n + 2.0 + 3.0  # plus the refiner's fit and self-score
+    assert seconds == pytest.approx(expected, rel=1e-6)
+    assert jobs == 3  # one rank job and one refine job per ratio > 0
+
+
+def test_image_only_scoring_is_detected_and_other_type_errors_propagate():
+    class WithoutMapsArgument:
+        def score(self, features):
+            return np.zeros(2), np.zeros((2, 3, 3), np.float32)
+
+    class WithMapsArgument:
+        def score(self, features, maps=True):
+            return np.zeros(2), None if not maps else np.zeros((2, 3, 3), np.float32)
+
+    class Broken:
+        def score(self, features, maps=True):
+            raise TypeError("unsupported operand")
+
+    (_, maps), supported = fit_cost._score(WithoutMapsArgument(), {}, False)
+    assert not supported and maps is not None
+    (_, maps), supported = fit_cost._score(WithMapsArgument(), {}, False)
+    assert supported and maps is None
+    with pytest.raises(TypeError, match="unsupported operand"):
+        fit_cost._score(Broken(), {}, False)
