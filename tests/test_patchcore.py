@@ -156,3 +156,91 @@ def test_ivf_default_recall_and_speed_on_real_features(tmp_path):
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ivf_ids, exact_ids, strict=True)])
     assert recall >= 0.95, f"recall@5 {recall:.3f} with {ivf.n_lists_} lists, {ivf.n_probes} probes"
     assert ivf_seconds < exact_seconds
+
+
+def ref_area_average(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Mean of each integer block of (n, C, H, W) maps."""
+    n, c, h, w = maps.shape
+    blocks = maps.astype(np.float64).reshape(n, c, height, h // height, width, w // width)
+    return blocks.mean(axis=(3, 5))
+
+
+def ref_stage_patches(features, layer_dim=None, grid=(8, 8)):
+    """3x3-averaged stages, each optionally pooled to ``layer_dim`` channels, on ``grid``."""
+    parts = []
+    for maps in features.values():
+        maps = ref_average_3x3(maps)
+        if layer_dim is not None:
+            n, c, h, w = maps.shape
+            vectors = maps.transpose(0, 2, 3, 1).reshape(-1, c)
+            maps = ref_adaptive_pool(vectors, layer_dim).reshape(n, h, w, -1).transpose(0, 3, 1, 2)
+        if maps.shape[2] > grid[0]:
+            maps = ref_area_average(maps, *grid)
+        parts.append(ref_bilinear_stack(maps, *grid))
+    return ref_patches(np.concatenate(parts, axis=1))
+
+
+@pytest.mark.parametrize("layer_dim, grid_stage", [(8, None), (None, "s2"), (16, "s2")])
+def test_patchcore_layer_pooling_and_grid_stage_match_reference(train, test, layer_dim, grid_stage):
+    detector = PatchCoreDetector(index="flat", layer_dim=layer_dim, grid_stage=grid_stage)
+    scores, maps = detector.fit(train).score(test)
+    grid = (8, 8) if grid_stage is None else (4, 4)
+    bank = ref_stage_patches(train, layer_dim, grid)
+    queries = ref_stage_patches(test, layer_dim, grid)
+    expected = []
+    for image in queries:
+        patch_scores = np.sort(pairwise(image, bank.reshape(-1, bank.shape[-1])), axis=1)
+        expected.append(patch_scores[:, :5].mean(axis=1).reshape(grid))
+    expected = np.array(expected)
+    assert maps.shape == (5, *grid)
+    assert_close(maps, expected)
+    assert_close(scores, expected.max(axis=(1, 2)))
+
+
+def test_patchcore_projection_is_seeded_and_searches_projected_patches(train, test):
+    detector = PatchCoreDetector(index="flat", projection_dim=7, random_state=4).fit(train)
+    projection = detector.projection_
+    assert projection.shape == (28, 7)
+    assert np.array_equal(
+        projection, PatchCoreDetector(projection_dim=7, random_state=4).fit(train).projection_
+    )
+    bank = ref_patchcore_features(train, 3, None).reshape(-1, 28) @ projection
+    expected_scores, expected_maps = ref_patchcore_scores(
+        ref_patchcore_features(test, 3, None) @ projection, bank, 5, "euclidean"
+    )
+    scores, maps = detector.score(test)
+    assert_close(scores, expected_scores, rtol=1e-4, atol=1e-5)
+    assert_close(maps, expected_maps, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_patchcore_scores_without_maps_equal_those_with(train, test, exclude_self):
+    detector = PatchCoreDetector(n_lists=4, n_probes=2, exclude_self=exclude_self).fit(train)
+    queries = detector._validate(train if exclude_self else test, fitting=False)
+    scores, maps = detector._score(queries, maps=True)
+    image_scores, no_maps = detector._score(queries, maps=False)
+    assert no_maps is None
+    assert np.array_equal(image_scores, scores)
+    assert np.array_equal(image_scores, maps.max(axis=(1, 2)))
+
+
+@pytest.mark.parametrize(
+    "n_train, params",
+    [
+        # 51,200 patches in 679 IVF cells: faiss's k-means on two threads moved centroids by
+        # up to 0.12 here (smaller problems happened to agree).
+        (200, {"ivf_train_points_per_list": 256, "n_probes": 2}),
+        (100, {"coreset_ratio": 0.1, "projection_dim": 16, "n_lists": 16, "n_probes": 2}),
+    ],
+)
+def test_patchcore_results_do_not_depend_on_the_thread_count(n_train, params):
+    shapes = {"s1": (64, 16, 16), "s2": (96, 8, 8)}
+    bigger_train = random_features(n_train, seed=7, shapes=shapes)
+    bigger_test = random_features(4, seed=8, shapes=shapes)
+    fitted = [PatchCoreDetector(n_jobs=n_jobs, **params).fit(bigger_train) for n_jobs in (1, 2)]
+    if fitted[0].index == "ivfflat":
+        centroids = [d.index_.quantizer.reconstruct_n(0, d.n_lists_) for d in fitted]
+        assert np.array_equal(*centroids)
+    runs = [detector.score(bigger_test) for detector in fitted]
+    assert np.array_equal(runs[0][0], runs[1][0])
+    assert np.array_equal(runs[0][1], runs[1][1])
