@@ -347,41 +347,56 @@ class PatchCoreDetector(BaseDetector):
         # 0.97-0.99 on real 380 px features (docs/detectors.md, benchmarks/detectors.py).
         return int(min(max(1, round(3 * math.sqrt(n_memory))), n_memory))
 
-    def _build_index(self, bank: np.ndarray, seed: int) -> faiss.Index:
-        dim = bank.shape[1]
+    def _build_index(self, bank: np.ndarray, seed: int) -> faiss.Index | None:
         if self.index == "flat":
-            index = faiss.IndexFlatL2(dim)
-        else:
-            self.n_lists_ = self._resolved_n_lists(bank.shape[0])
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, self.n_lists_)
-            # Seeded sample and k-means initialisation: the same data gives the same cells.
-            index.cp.seed = seed
-            index.cp.max_points_per_centroid = self.ivf_train_points_per_list
-            index.cp.min_points_per_centroid = 1
-            # faiss's k-means reduces across threads, so its centroids change with the thread
-            # count (measured): train on one thread, so that the cells depend on the data only.
-            with _thread_limit(1):
-                index.train(bank)
+            return None  # exact search runs on the memory bank itself (_exact_ids)
+        dim = bank.shape[1]
+        self.n_lists_ = self._resolved_n_lists(bank.shape[0])
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, self.n_lists_)
+        # Seeded sample and k-means initialisation: the same data gives the same cells.
+        index.cp.seed = seed
+        index.cp.max_points_per_centroid = self.ivf_train_points_per_list
+        index.cp.min_points_per_centroid = 1
+        # faiss's k-means reduces across threads, so its centroids change with the thread
+        # count (measured): train on one thread, so that the cells depend on the data only.
+        with _thread_limit(1):
+            index.train(bank)
         index.add(bank)
         return index
 
     # -- score ---------------------------------------------------------------------------------
 
     def _search_params(self, excluded_range: tuple[int, int] | None):
+        if self.n_probes < 1:
+            raise ValueError(f"n_probes must be >= 1, got {self.n_probes}")
+        params = faiss.SearchParametersIVF()
+        params.nprobe = min(int(self.n_probes), self.n_lists_)
         selector = None
         if excluded_range is not None:
             selector = faiss.IDSelectorNot(faiss.IDSelectorRange(*excluded_range))
-        if self.index == "flat":
-            params = faiss.SearchParameters()
-        else:
-            if self.n_probes < 1:
-                raise ValueError(f"n_probes must be >= 1, got {self.n_probes}")
-            params = faiss.SearchParametersIVF()
-            params.nprobe = min(int(self.n_probes), self.n_lists_)
-        if selector is not None:
             params.sel = selector
         # faiss does not own the selector: keep it alive alongside the parameters.
         return params, selector
+
+    def _exact_ids(self, queries: np.ndarray, excluded_range: tuple[int, int] | None) -> np.ndarray:
+        """Exact k nearest memory patches by matrix products (faiss's flat search with an
+        excluded range takes a slow per-pair path): the nearest outside the excluded range are
+        the nearest among those before it and those after it."""
+        bank = self.memory_bank_
+        start, stop = (
+            excluded_range if excluded_range is not None else (bank.shape[0], bank.shape[0])
+        )
+        sq_parts, id_parts = [], []
+        for low, high in ((0, start), (stop, bank.shape[0])):
+            if high > low:
+                sq, ids = _nearest_sq_distances(
+                    queries, bank[low:high], min(self.n_neighbors, high - low)
+                )
+                sq_parts.append(sq)
+                id_parts.append(ids + low)
+        sq, ids = np.concatenate(sq_parts, axis=1), np.concatenate(id_parts, axis=1)
+        nearest = np.argsort(sq, axis=1, kind="stable")[:, : self.n_neighbors]
+        return np.take_along_axis(ids, nearest, axis=1)
 
     def kneighbors(
         self, queries: np.ndarray, excluded_range: tuple[int, int] | None = None
@@ -392,8 +407,11 @@ class PatchCoreDetector(BaseDetector):
         bank by direct differences (faiss's expansion loses precision near 0). Queries for which
         IVF found fewer than k patches in its probed cells fall back to exact search.
         """
-        params, _selector = self._search_params(excluded_range)
-        _, ids = self.index_.search(queries, self.n_neighbors, params=params)
+        if self.index == "flat":
+            ids = self._exact_ids(queries, excluded_range)
+        else:
+            params, _selector = self._search_params(excluded_range)
+            _, ids = self.index_.search(queries, self.n_neighbors, params=params)
         missing = (ids < 0).any(axis=1)
         if missing.any():
             excluded = None
