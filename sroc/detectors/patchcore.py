@@ -249,13 +249,9 @@ class PatchCoreDetector(BaseDetector):
             patches = patches @ self.projection_
         return patches
 
-    def _pooled_dim(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
-        """Dimension of the patch features before the random projection."""
-        if self.layer_dim is None:
-            total = sum(chw[0] for chw in shapes.values())
-        else:
-            total = len(shapes) * int(self.layer_dim)
-        return total if self.target_dim is None else min(int(self.target_dim), total)
+    def _concatenated_dim(self, channels: Sequence[int]) -> int:
+        """Channels of the concatenated stages, given each used stage's channel count."""
+        return sum(channels) if self.layer_dim is None else len(channels) * int(self.layer_dim)
 
     def _check_params(self, total_dim: int) -> None:
         for name in ("layer_dim", "projection_dim"):
@@ -281,10 +277,7 @@ class PatchCoreDetector(BaseDetector):
     # -- fit -----------------------------------------------------------------------------------
 
     def _fit(self, features: dict[str, np.ndarray]) -> None:
-        if self.layer_dim is None:
-            total_dim = sum(features[s].shape[1] for s in self.stages_)
-        else:
-            total_dim = len(self.stages_) * int(self.layer_dim)
+        total_dim = self._concatenated_dim([features[s].shape[1] for s in self.stages_])
         self._check_params(total_dim)
         if self.grid_stage is not None:
             self.grid_hw_ = tuple(int(v) for v in features[self.grid_stage].shape[-2:])
@@ -464,11 +457,13 @@ class PatchCoreDetector(BaseDetector):
         return image_scores, patch_maps
 
     def _estimate_state_mb(self, n_train, n_test, shapes):
+        # The finest grid bounds grid_stage's; chunks hold the stages' own channels too.
         locations, total = self._grid_and_dim(shapes)
-        dim = self._pooled_dim(shapes)
+        pooled = self._concatenated_dim([chw[0] for chw in shapes.values()])
+        total = max(total, pooled)
+        dim = pooled if self.target_dim is None else min(int(self.target_dim), pooled)
         if self.projection_dim is not None:
             dim = int(self.projection_dim)
-        total = max(total, len(shapes) * int(self.layer_dim or 0))
         n_patches = n_train * locations
         kept = (
             n_patches if self.coreset_ratio is None else math.ceil(self.coreset_ratio * n_patches)
