@@ -20,7 +20,7 @@ from test_detectors import (
     ref_patches,
 )
 
-from sroc.detectors import PatchCoreDetector, greedy_coreset_indices
+from sroc.detectors import PatchCoreDetector, greedy_coreset_indices, patchcore
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,10 @@ def test_patchcore_exact_matches_reference(train, test, patch_size, target_dim, 
     assert_close(maps, expected_maps)
 
 
-@pytest.mark.parametrize("index", ["flat", "ivfflat"])
-def test_patchcore_exclude_self_leaves_each_image_out(train, index):
+@pytest.mark.parametrize("index, masked", [("flat", True), ("flat", False), ("ivfflat", False)])
+def test_patchcore_exclude_self_leaves_each_image_out(train, index, masked, monkeypatch):
+    # Exact search masks a chunk's own patches at once, or (large banks) searches per image.
+    monkeypatch.setattr(patchcore, "_MASKED_SEARCH_ENTRIES", 2**26 if masked else 0)
     # With every IVF cell probed the IVF search is exhaustive, hence exact.
     detector = PatchCoreDetector(index=index, n_lists=4, n_probes=4, exclude_self=True)
     scores, maps = detector.fit(train).score(train)

@@ -23,6 +23,10 @@ from sroc.detectors.base import (
 )
 from sroc.detectors.neighbours import _apply_metric, _check_metric, _nearest_sq_distances
 
+# Self-scoring with an exact search masks each chunk's own patches in one (queries x bank)
+# boolean matrix while it has at most this many entries (64 MB); larger banks search per image.
+_MASKED_SEARCH_ENTRIES = 2**26
+
 
 def _greedy_steps(
     points: np.ndarray, sq_norms: np.ndarray, bound: np.ndarray, threshold: float, n_steps: int
@@ -434,7 +438,20 @@ class PatchCoreDetector(BaseDetector):
         for start in range(0, n_images, step):
             stop = min(start + step, n_images)
             patches = self.patch_features({s: a[start:stop] for s, a in features.items()})
-            if self.exclude_self:
+            bank_size = self.memory_bank_.shape[0]
+            if (
+                self.exclude_self
+                and self.index == "flat"
+                and patches.shape[0] * bank_size <= _MASKED_SEARCH_ENTRIES
+            ):
+                # A small bank: one masked search for the chunk instead of one per image.
+                owner = np.repeat(np.arange(start, stop), height * width)
+                memory_owner = np.repeat(np.arange(self.n_train_), np.diff(self.image_offsets_))
+                excluded = owner[:, None] == memory_owner[None, :]
+                sq = _nearest_sq_distances(patches, self.memory_bank_, self.n_neighbors, excluded)[
+                    0
+                ]
+            elif self.exclude_self:
                 per_image = patches.reshape(stop - start, height * width, -1)
                 sq = np.stack(
                     [
