@@ -58,6 +58,13 @@ SETTINGS: dict[str, dict] = {
         "coreset_ratio": 0.01,
         "index": "flat",
     },
+    "stride16_layer128_proj128_coreset1_flat": {
+        "grid_stage": "blocks.4",
+        "layer_dim": 128,
+        "projection_dim": 128,
+        "coreset_ratio": 0.01,
+        "index": "flat",
+    },
     "b45_coreset1_flat": {
         "stages": ["blocks.4", "blocks.5"],
         "coreset_ratio": 0.01,
@@ -202,6 +209,8 @@ def quick_settings() -> dict[str, dict]:
 
 def summary(rows: list[dict], columns) -> pd.DataFrame:
     table = pd.DataFrame(rows).groupby("setting", sort=False)[columns].mean()
+    if "paper" not in table.index:
+        return table
     paper = table.loc["paper"]
     table["d_auroc_pts"] = 100 * (table["image_auroc"] - paper["image_auroc"])
     for column in ("fit_s", "total_s"):
@@ -275,10 +284,7 @@ def main() -> None:
             rows.append({"setting": name, **row})
             print("elpv", name, {k: round(v, 3) for k, v in row.items()}, flush=True)
         columns = ["image_auroc", "fit_s", "score_s", "self_score_s", "total_s", "memory_patches"]
-        if "paper" in (args.elpv_settings or args.settings):
-            table = summary(rows, columns)
-        else:
-            table = pd.DataFrame(rows).set_index("setting")[columns]
+        table = summary(rows, columns)
         print(f"\nelpv mono, seed 0, {POLLUTION_RATIO:.0%} pollution, {args.threads} threads")
         print(table.round(3).to_string(), flush=True)
 
