@@ -19,9 +19,7 @@ from sroc.detectors import (
     KNNDetector,
     MahalanobisDetector,
     PaDiMDetector,
-    PatchCoreDetector,
     estimate_memory_mb,
-    greedy_coreset_indices,
     ledoit_wolf,
     make_detector,
     resize_maps,
@@ -181,19 +179,6 @@ def test_ledoit_wolf_matches_scikit_learn(n_samples):
         assert_close(mean[i], reference.location_, atol=1e-12)
         assert_close(cov[i], reference.covariance_, rtol=1e-10, atol=1e-12)
         assert shrinkage[i] == pytest.approx(reference.shrinkage_, rel=1e-10)
-
-
-def test_greedy_coreset_matches_brute_force_k_center():
-    points = np.random.default_rng(3).normal(size=(60, 5)).astype(np.float32)
-    starts = np.array([4, 17, 33])
-    distances = pairwise(points, points)
-    current = distances[:, starts].mean(axis=1)
-    expected = []
-    for _ in range(12):
-        chosen = int(np.argmax(current))
-        expected.append(chosen)
-        current = np.minimum(current, distances[:, chosen])
-    assert greedy_coreset_indices(points, 12, starts).tolist() == sorted(expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,98 +392,6 @@ def test_padim_memory_budget_error_names_the_numbers_and_the_fix(train, test):
 
 
 # ---------------------------------------------------------------------------------------------
-# PatchCore
-# ---------------------------------------------------------------------------------------------
-
-
-def ref_patchcore_features(features, patch_size, target_dim):
-    parts = []
-    for stage in features:
-        maps = ref_average_3x3(features[stage]) if patch_size == 3 else features[stage]
-        parts.append(ref_bilinear_stack(maps, 8, 8))
-    patches = ref_patches(np.concatenate(parts, axis=1))  # (n, 64, D)
-    if target_dim is not None:
-        patches = np.array([ref_adaptive_pool(p, target_dim) for p in patches])
-    return patches
-
-
-def ref_patchcore_scores(test_patches, bank, k, metric, excluded_rows=None):
-    maps = []
-    for i, patches in enumerate(test_patches):
-        distances = pairwise(patches, bank)
-        if excluded_rows is not None:
-            distances[:, excluded_rows[i]] = np.inf
-        maps.append(metric_of(np.sort(distances, axis=1)[:, :k], metric).mean(axis=1))
-    maps = np.array(maps).reshape(-1, 8, 8)
-    return maps.max(axis=(1, 2)), maps
-
-
-@pytest.mark.parametrize(
-    "patch_size, target_dim, metric",
-    [(3, None, "euclidean"), (1, None, "sqeuclidean"), (3, 11, "euclidean")],
-)
-def test_patchcore_exact_matches_reference(train, test, patch_size, target_dim, metric):
-    detector = PatchCoreDetector(
-        index="flat", patch_size=patch_size, target_dim=target_dim, metric=metric
-    )
-    scores, maps = detector.fit(train).score(test)
-    bank = ref_patchcore_features(train, patch_size, target_dim).reshape(-1, target_dim or 28)
-    expected_scores, expected_maps = ref_patchcore_scores(
-        ref_patchcore_features(test, patch_size, target_dim), bank, 5, metric
-    )
-    assert_close(scores, expected_scores)
-    assert_close(maps, expected_maps)
-
-
-@pytest.mark.parametrize("index", ["flat", "ivfflat"])
-def test_patchcore_exclude_self_leaves_each_image_out(train, index):
-    # With every IVF cell probed the IVF search is exhaustive, hence exact.
-    detector = PatchCoreDetector(index=index, n_lists=4, n_probes=4, exclude_self=True)
-    scores, maps = detector.fit(train).score(train)
-    patches = ref_patchcore_features(train, 3, None)
-    own_rows = [np.arange(i * 64, (i + 1) * 64) for i in range(12)]
-    expected_scores, expected_maps = ref_patchcore_scores(
-        patches, patches.reshape(-1, 28), 5, "euclidean", own_rows
-    )
-    assert_close(scores, expected_scores)
-    assert_close(maps, expected_maps)
-
-
-def test_patchcore_on_its_training_set_counts_itself_at_zero(train):
-    _, maps = PatchCoreDetector(index="flat", n_neighbors=1).fit(train).score(train)
-    assert np.all(maps == 0)
-
-
-def test_patchcore_coreset_searches_the_selected_patches(train, test):
-    detector = PatchCoreDetector(index="flat", coreset_ratio=0.25, coreset_projection_dim=8).fit(
-        train
-    )
-    kept = detector.memory_indices_
-    assert len(kept) == math.ceil(0.25 * 12 * 64) and np.all(np.diff(kept) > 0)
-    bank = ref_patchcore_features(train, 3, None).reshape(-1, 28)[kept]
-    expected_scores, expected_maps = ref_patchcore_scores(
-        ref_patchcore_features(test, 3, None), bank, 5, "euclidean"
-    )
-    scores, maps = detector.score(test)
-    assert_close(scores, expected_scores)
-    assert_close(maps, expected_maps)
-
-
-def test_patchcore_ivf_is_deterministic_and_close_to_exact(train, test):
-    bigger_train, bigger_test = random_features(60, seed=5), random_features(10, seed=6)
-    runs = [
-        PatchCoreDetector(n_lists=16, n_probes=4, random_state=3)
-        .fit(bigger_train)
-        .score(bigger_test)
-        for _ in range(2)
-    ]
-    assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
-    exact = PatchCoreDetector(index="flat").fit(bigger_train).score(bigger_test)
-    # An approximate search can only miss neighbours, never find closer ones.
-    assert np.all(runs[0][1] >= exact[1] - 1e-5)
-
-
-# ---------------------------------------------------------------------------------------------
 # Interface: registry, map size, input checks, memory estimates
 # ---------------------------------------------------------------------------------------------
 
@@ -664,29 +557,3 @@ def test_maps_localise_synthetic_defects(synthetic_features, name, params):
         np.concatenate([m.ravel() for m in masks]), np.concatenate([u.ravel() for u in upsampled])
     )
     assert pixel_auroc > 0.9, f"{name}: pixel AUROC {pixel_auroc:.3f}"
-
-
-@pytest.mark.shared
-@pytest.mark.slow
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
-def test_ivf_default_recall_and_speed_on_real_features(tmp_path):
-    import time
-
-    from sroc.backbones import BackboneConfig
-
-    train, test, _ = embedded_category(
-        SHARED_DATA / "piped", "PA_BDP01_TL", tmp_path / "cache.h5", BackboneConfig()
-    )
-    ivf = PatchCoreDetector(n_jobs=2).fit(train)
-    exact = PatchCoreDetector(index="flat", n_jobs=2).fit(train)
-    patches = ivf.patch_features(test)
-    queries = patches[np.random.default_rng(0).choice(len(patches), 3000, replace=False)]
-    started = time.perf_counter()
-    _, exact_ids = exact.kneighbors(queries)
-    exact_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    _, ivf_ids = ivf.kneighbors(queries)
-    ivf_seconds = time.perf_counter() - started
-    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ivf_ids, exact_ids, strict=True)])
-    assert recall >= 0.95, f"recall@5 {recall:.3f} with {ivf.n_lists_} lists, {ivf.n_probes} probes"
-    assert ivf_seconds < exact_seconds

@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 from sroc.detectors.base import (
     _IMAGE_CHUNK,
@@ -17,9 +18,37 @@ from sroc.detectors.base import (
     _UPSAMPLE_MODES,
     BaseDetector,
     _gap_embedding,
+    _thread_limit,
     _upsample,
 )
 from sroc.detectors.neighbours import _apply_metric, _check_metric, _nearest_sq_distances
+
+# Self-scoring with an exact search masks each chunk's own patches in one (queries x bank)
+# boolean matrix while it has at most this many entries (64 MB); larger banks search per image.
+_MASKED_SEARCH_ENTRIES = 2**26
+
+
+def _greedy_steps(
+    points: np.ndarray, sq_norms: np.ndarray, bound: np.ndarray, threshold: float, n_steps: int
+) -> list[int]:
+    """Up to ``n_steps`` greedy k-center steps among ``points`` (rows), updating ``bound`` (their
+    squared distances to the selection) in place, while the maximum stays >= ``threshold``."""
+    chosen: list[int] = []
+    # One step is too small to share between threads (measured on 13,680 x 128 points:
+    # 0.36 ms on one thread, 2.6 ms on two threads of a busy machine).
+    with threadpool_limits(limits=1):
+        while len(chosen) < n_steps:
+            best = int(np.argmax(bound))
+            if bound[best] < threshold:
+                break
+            chosen.append(best)
+            sq = points @ points[best]
+            sq *= -2.0
+            sq += sq_norms
+            sq += sq_norms[best]
+            np.maximum(sq, 0.0, out=sq)
+            np.minimum(bound, sq, out=bound)
+    return chosen
 
 
 def greedy_coreset_indices(
@@ -30,33 +59,79 @@ def greedy_coreset_indices(
     Every point starts with its mean Euclidean distance to the ``start_indices`` points (the
     approximation that avoids a full distance matrix); each step selects the point farthest from
     the current selection and lowers the distances to it. Returns the selected indices, sorted.
+
+    The selection is sequential, but each step needs only the points that can still win: an
+    *active set* of about ``n / 16`` points with the largest distances is kept exact, while the
+    others keep stale distances, upper bounds below the active set's threshold. While the
+    active maximum stays at or above the threshold it is the global maximum (the first one by
+    index, as a full argmax), so a step costs ``n / 16`` distances instead of ``n``. When it
+    drops below, all points are brought up to date with one matrix product against the centres
+    selected since, and a new active set is drawn. The arithmetic is float32 and depends on no
+    thread count (BLAS splits products by rows and columns, never along the summed axis).
     """
-    points = np.asarray(points, dtype=np.float32)
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    n_points, dim = points.shape
     sq_norms = np.einsum("nd,nd->n", points, points)
+    # [p, 1] . [-2 c, |c|^2] = |p - c|^2 - |p|^2: one matrix product gives, per point, the
+    # centres' order, with no elementwise pass over the (points x centres) matrix.
+    augmented = np.empty((n_points, dim + 1), dtype=np.float32)
+    augmented[:, :dim] = points
+    augmented[:, dim] = 1.0
 
-    def distances_to(index: int) -> np.ndarray:
-        sq = sq_norms - 2.0 * (points @ points[index]) + sq_norms[index]
-        return np.sqrt(np.maximum(sq, 0.0))
+    def lower_bounds(centres: Sequence[int], reduce) -> np.ndarray:
+        """``reduce`` over the centres of each point's squared distances, in row blocks."""
+        centres = np.asarray(centres)
+        weights = np.concatenate([-2.0 * points[centres].T, sq_norms[None, centres]])
+        out = np.empty(n_points, dtype=np.float32)
+        # Blocks of about 8 MB stay in cache between the product and the reduction.
+        row_step = max(1, 2**21 // len(centres))
+        for start in range(0, n_points, row_step):
+            rows = slice(start, start + row_step)
+            partial = augmented[rows] @ weights
+            out[rows] = reduce(partial, sq_norms[rows])
+        return out
 
-    min_distance = np.mean([distances_to(i) for i in start_indices], axis=0)
-    selected = np.empty(n_select, dtype=np.int64)
-    for step in range(n_select):
-        farthest = int(np.argmax(min_distance))
-        selected[step] = farthest
-        np.minimum(min_distance, distances_to(farthest), out=min_distance)
-    return np.sort(selected)
-
+    # Distances are kept squared (same order, no square roots per step).
+    bound = lower_bounds(
+        start_indices,
+        lambda partial, norms: np.sqrt(np.maximum(partial + norms[:, None], 0.0)).mean(1) ** 2,
+    )
+    n_active = min(n_points, -(-n_points // 16))
+    selected: list[int] = []
+    folded = 0  # every bound includes the centres selected[:folded]
+    while len(selected) < n_select:
+        if folded < len(selected):
+            nearest = lower_bounds(
+                selected[folded:], lambda partial, norms: np.maximum(partial.min(1) + norms, 0.0)
+            )
+            np.minimum(bound, nearest, out=bound)
+            folded = len(selected)
+        threshold = np.partition(bound, n_points - n_active)[n_points - n_active]
+        active = np.flatnonzero(bound >= threshold)
+        active_bound = bound[active]
+        chosen = _greedy_steps(
+            np.ascontiguousarray(points[active]),
+            sq_norms[active],
+            active_bound,
+            threshold,
+            n_select - len(selected),
+        )
+        selected.extend(active[chosen].tolist())
+        bound[active] = active_bound
+    return np.sort(np.asarray(selected, dtype=np.int64))
 
 
 class PatchCoreDetector(BaseDetector):
     """Nearest-neighbour search among all training patches (SROC paper, 3.1.4).
 
     Patch features: each stage is optionally averaged over a ``patch_size`` x ``patch_size``
-    neighbourhood (PatchCore's local aggregation: zero padding, padded cells counted), upsampled
-    to the finest used grid (``upsample``), concatenated, and optionally pooled to ``target_dim``
-    channels (PatchCore's adaptive average pooling). The memory bank holds every training patch,
-    or a greedy k-center coreset of them. Patch score: mean distance to the ``n_neighbors``
-    nearest memory patches; image score: the maximum patch score.
+    neighbourhood (PatchCore's local aggregation: zero padding, padded cells counted),
+    optionally pooled to ``layer_dim`` channels (PatchCore's per-layer equalisation), resampled
+    to the patch grid (the finest used stage's, or ``grid_stage``'s), concatenated, optionally
+    pooled to ``target_dim`` channels (PatchCore's aggregator) and optionally projected to
+    ``projection_dim`` dimensions. The memory bank holds every training patch, or a greedy
+    k-center coreset of them. Patch score: mean distance to the ``n_neighbors`` nearest memory
+    patches; image score: the maximum patch score.
 
     Parameters
     ----------
@@ -69,8 +144,18 @@ class PatchCoreDetector(BaseDetector):
     ivf_train_points_per_list : IVF k-means trains on at most this many points per cell (a seeded
         sample), faiss's max_points_per_centroid.
     patch_size : neighbourhood of the local aggregation, odd; 1 disables it.
+    layer_dim : every stage's channels are first pooled (adaptive average pooling, which
+        repeats channels when a stage has fewer) to this common count, so that each stage weighs
+        the same in the distance, as PatchCore's ``pretrain_embed_dimension``; None concatenates
+        the stages' own channels (a stage's weight then grows with its channel count).
     target_dim : channels after adaptive average pooling of the concatenated vector, None keeps
         all.
+    projection_dim : patch features (bank and queries) are multiplied by a seeded Gaussian
+        random projection to this dimension, scaled by 1/sqrt(dim) so that distances are kept
+        in expectation; None keeps them. Cheaper search, and a cheaper coreset.
+    grid_stage : stage whose grid the patches live on (maps come out on it); None uses the
+        finest used stage. Finer stages are area-averaged onto it, coarser ones upsampled. With
+        ``blocks.4`` the 380 px backbone gives a 24x24 grid at stride 16 instead of 48x48.
     upsample : "bilinear" (PatchCore) or "nearest" alignment of the coarser stages.
     coreset_ratio : fraction of the memory bank kept by greedy coreset selection, None keeps all
         (the paper: no coreset).
@@ -79,8 +164,12 @@ class PatchCoreDetector(BaseDetector):
     exclude_self : score() then expects the training features and excludes every patch of an
         image from that image's searches (leave-one-image-out). The default (False) follows the
         paper: a training patch finds itself at distance 0.
-    stages, map_size, map_sigma, n_jobs : as in :class:`KNNDetector`.
-    random_state : seeds the IVF k-means, the coreset start points and projection.
+    stages, n_jobs : as in :class:`KNNDetector`.
+    random_state : seeds the random projection, the IVF k-means, the coreset start points and
+        its projection.
+
+    Results do not depend on ``n_jobs``: the IVF k-means trains on one thread (its multi-thread
+    reductions change the centroids), and the coreset's products split no summed axis.
     """
 
     def __init__(
@@ -92,14 +181,15 @@ class PatchCoreDetector(BaseDetector):
         n_probes: int = 40,
         ivf_train_points_per_list: int = 16,
         patch_size: int = 3,
+        layer_dim: int | None = None,
         target_dim: int | None = None,
+        projection_dim: int | None = None,
+        grid_stage: str | None = None,
         upsample: str = "bilinear",
         coreset_ratio: float | None = None,
         coreset_projection_dim: int | None = 128,
         stages: Sequence[str] | None = None,
         exclude_self: bool = False,
-        map_size: int | Sequence[int] | None = None,
-        map_sigma: float = 4.0,
         n_jobs: int | None = None,
         random_state: int | None = 0,
     ):
@@ -110,14 +200,15 @@ class PatchCoreDetector(BaseDetector):
         self.n_probes = n_probes
         self.ivf_train_points_per_list = ivf_train_points_per_list
         self.patch_size = patch_size
+        self.layer_dim = layer_dim
         self.target_dim = target_dim
+        self.projection_dim = projection_dim
+        self.grid_stage = grid_stage
         self.upsample = upsample
         self.coreset_ratio = coreset_ratio
         self.coreset_projection_dim = coreset_projection_dim
         self.stages = stages
         self.exclude_self = exclude_self
-        self.map_size = map_size
-        self.map_sigma = map_sigma
         self.n_jobs = n_jobs
         self.random_state = random_state
 
@@ -137,15 +228,40 @@ class PatchCoreDetector(BaseDetector):
                     padding=self.patch_size // 2,
                     count_include_pad=True,
                 )
+            if self.layer_dim is not None:
+                # Channel pooling commutes with the spatial resampling: pool on the stage grid.
+                n, _, h, w = maps.shape
+                pooled = F.adaptive_avg_pool1d(
+                    maps.permute(0, 2, 3, 1).reshape(-1, 1, maps.shape[1]), self.layer_dim
+                )
+                maps = pooled.reshape(n, h, w, self.layer_dim).permute(0, 3, 1, 2)
+            if maps.shape[-2] > height:
+                # A finer stage is area-averaged onto a coarser patch grid.
+                maps = F.adaptive_avg_pool2d(maps, (height, width))
             parts.append(_upsample(maps, (height, width), self.upsample))
         patches = (
             torch.cat(parts, dim=1).permute(0, 2, 3, 1).reshape(-1, sum(p.shape[1] for p in parts))
         )
         if self.target_dim is not None:
             patches = F.adaptive_avg_pool1d(patches[:, None, :], self.target_dim)[:, 0, :]
-        return np.ascontiguousarray(patches.numpy())
+        patches = np.ascontiguousarray(patches.numpy())
+        if self.projection_ is not None:
+            patches = patches @ self.projection_
+        return patches
+
+    def _concatenated_dim(self, channels: Sequence[int]) -> int:
+        """Channels of the concatenated stages, given each used stage's channel count."""
+        return sum(channels) if self.layer_dim is None else len(channels) * int(self.layer_dim)
 
     def _check_params(self, total_dim: int) -> None:
+        for name in ("layer_dim", "projection_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive int or None, got {value}")
+        if self.grid_stage is not None and self.grid_stage not in self.stages_:
+            raise ValueError(
+                f"grid_stage={self.grid_stage!r} is not among the used stages {self.stages_}"
+            )
         _check_metric(self.metric)
         if self.index not in ("ivfflat", "flat"):
             raise ValueError(f"index must be 'ivfflat' or 'flat', got {self.index!r}")
@@ -161,17 +277,26 @@ class PatchCoreDetector(BaseDetector):
     # -- fit -----------------------------------------------------------------------------------
 
     def _fit(self, features: dict[str, np.ndarray]) -> None:
-        total_dim = sum(features[s].shape[1] for s in self.stages_)
+        total_dim = self._concatenated_dim([features[s].shape[1] for s in self.stages_])
         self._check_params(total_dim)
+        if self.grid_stage is not None:
+            self.grid_hw_ = tuple(int(v) for v in features[self.grid_stage].shape[-2:])
         self.train_embeddings_ = _gap_embedding(features, self.stages_)
         locations = self.grid_hw_[0] * self.grid_hw_[1]
         dim = total_dim if self.target_dim is None else int(self.target_dim)
+        rng = np.random.default_rng(self.random_state)
+        self.projection_ = None
+        if self.projection_dim is not None:
+            # Johnson-Lindenstrauss: distances kept in expectation, up to a small factor.
+            self.projection_ = (
+                rng.standard_normal((dim, int(self.projection_dim))) / np.sqrt(self.projection_dim)
+            ).astype(np.float32)
+            dim = int(self.projection_dim)
         bank = np.empty((self.n_train_ * locations, dim), dtype=np.float32)
         for start in range(0, self.n_train_, _IMAGE_CHUNK):
             chunk = {s: a[start : start + _IMAGE_CHUNK] for s, a in features.items()}
             patches = self.patch_features(chunk)
             bank[start * locations : start * locations + patches.shape[0]] = patches
-        rng = np.random.default_rng(self.random_state)
         kept = np.arange(bank.shape[0])
         if self.coreset_ratio is not None and self.coreset_ratio < 1:
             kept = self._coreset(bank, rng)
@@ -215,17 +340,19 @@ class PatchCoreDetector(BaseDetector):
         # 0.97-0.99 on real 380 px features (docs/detectors.md, benchmarks/detectors.py).
         return int(min(max(1, round(3 * math.sqrt(n_memory))), n_memory))
 
-    def _build_index(self, bank: np.ndarray, seed: int) -> faiss.Index:
-        dim = bank.shape[1]
+    def _build_index(self, bank: np.ndarray, seed: int) -> faiss.Index | None:
         if self.index == "flat":
-            index = faiss.IndexFlatL2(dim)
-        else:
-            self.n_lists_ = self._resolved_n_lists(bank.shape[0])
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, self.n_lists_)
-            # Seeded sample and k-means initialisation: the same data gives the same cells.
-            index.cp.seed = seed
-            index.cp.max_points_per_centroid = self.ivf_train_points_per_list
-            index.cp.min_points_per_centroid = 1
+            return None  # exact search runs on the memory bank itself (_exact_ids)
+        dim = bank.shape[1]
+        self.n_lists_ = self._resolved_n_lists(bank.shape[0])
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, self.n_lists_)
+        # Seeded sample and k-means initialisation: the same data gives the same cells.
+        index.cp.seed = seed
+        index.cp.max_points_per_centroid = self.ivf_train_points_per_list
+        index.cp.min_points_per_centroid = 1
+        # faiss's k-means reduces across threads, so its centroids change with the thread
+        # count (measured): train on one thread, so that the cells depend on the data only.
+        with _thread_limit(1):
             index.train(bank)
         index.add(bank)
         return index
@@ -233,20 +360,36 @@ class PatchCoreDetector(BaseDetector):
     # -- score ---------------------------------------------------------------------------------
 
     def _search_params(self, excluded_range: tuple[int, int] | None):
+        if self.n_probes < 1:
+            raise ValueError(f"n_probes must be >= 1, got {self.n_probes}")
+        params = faiss.SearchParametersIVF()
+        params.nprobe = min(int(self.n_probes), self.n_lists_)
         selector = None
         if excluded_range is not None:
             selector = faiss.IDSelectorNot(faiss.IDSelectorRange(*excluded_range))
-        if self.index == "flat":
-            params = faiss.SearchParameters()
-        else:
-            if self.n_probes < 1:
-                raise ValueError(f"n_probes must be >= 1, got {self.n_probes}")
-            params = faiss.SearchParametersIVF()
-            params.nprobe = min(int(self.n_probes), self.n_lists_)
-        if selector is not None:
             params.sel = selector
         # faiss does not own the selector: keep it alive alongside the parameters.
         return params, selector
+
+    def _exact_ids(self, queries: np.ndarray, excluded_range: tuple[int, int] | None) -> np.ndarray:
+        """Exact k nearest memory patches by matrix products (faiss's flat search with an
+        excluded range takes a slow per-pair path): the nearest outside the excluded range are
+        the nearest among those before it and those after it."""
+        bank = self.memory_bank_
+        start, stop = (
+            excluded_range if excluded_range is not None else (bank.shape[0], bank.shape[0])
+        )
+        sq_parts, id_parts = [], []
+        for low, high in ((0, start), (stop, bank.shape[0])):
+            if high > low:
+                sq, ids = _nearest_sq_distances(
+                    queries, bank[low:high], min(self.n_neighbors, high - low)
+                )
+                sq_parts.append(sq)
+                id_parts.append(ids + low)
+        sq, ids = np.concatenate(sq_parts, axis=1), np.concatenate(id_parts, axis=1)
+        nearest = np.argsort(sq, axis=1, kind="stable")[:, : self.n_neighbors]
+        return np.take_along_axis(ids, nearest, axis=1)
 
     def kneighbors(
         self, queries: np.ndarray, excluded_range: tuple[int, int] | None = None
@@ -257,8 +400,11 @@ class PatchCoreDetector(BaseDetector):
         bank by direct differences (faiss's expansion loses precision near 0). Queries for which
         IVF found fewer than k patches in its probed cells fall back to exact search.
         """
-        params, _selector = self._search_params(excluded_range)
-        _, ids = self.index_.search(queries, self.n_neighbors, params=params)
+        if self.index == "flat":
+            ids = self._exact_ids(queries, excluded_range)
+        else:
+            params, _selector = self._search_params(excluded_range)
+            _, ids = self.index_.search(queries, self.n_neighbors, params=params)
         missing = (ids < 0).any(axis=1)
         if missing.any():
             excluded = None
@@ -273,18 +419,35 @@ class PatchCoreDetector(BaseDetector):
         order = np.argsort(sq, axis=1, kind="stable")
         return np.take_along_axis(sq, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
-    def _score(self, features: dict[str, np.ndarray], maps=True) -> tuple[np.ndarray, np.ndarray]:
+    def _score(
+        self, features: dict[str, np.ndarray], maps: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image scores and, with ``maps``, the patch-score maps; without, no map is kept."""
         n_images = next(iter(features.values())).shape[0]
         if self.exclude_self:
             self._check_self_scoring(_gap_embedding(features, self.stages_))
         height, width = self.grid_hw_
-        maps = np.empty((n_images, height, width), dtype=np.float32)
+        image_scores = np.empty(n_images, dtype=np.float64)
+        patch_maps = np.empty((n_images, height, width), dtype=np.float32) if maps else None
         # Chunks of about _QUERY_CHUNK patches bound the gathered neighbours (q x k x D).
         step = max(1, _QUERY_CHUNK // (height * width))
         for start in range(0, n_images, step):
             stop = min(start + step, n_images)
             patches = self.patch_features({s: a[start:stop] for s, a in features.items()})
-            if self.exclude_self:
+            bank_size = self.memory_bank_.shape[0]
+            if (
+                self.exclude_self
+                and self.index == "flat"
+                and patches.shape[0] * bank_size <= _MASKED_SEARCH_ENTRIES
+            ):
+                # A small bank: one masked search for the chunk instead of one per image.
+                owner = np.repeat(np.arange(start, stop), height * width)
+                memory_owner = np.repeat(np.arange(self.n_train_), np.diff(self.image_offsets_))
+                excluded = owner[:, None] == memory_owner[None, :]
+                sq = _nearest_sq_distances(patches, self.memory_bank_, self.n_neighbors, excluded)[
+                    0
+                ]
+            elif self.exclude_self:
                 per_image = patches.reshape(stop - start, height * width, -1)
                 sq = np.stack(
                     [
@@ -300,13 +463,20 @@ class PatchCoreDetector(BaseDetector):
                 )
             else:
                 sq = self.kneighbors(patches)[0]
-            scores = _apply_metric(sq, self.metric).mean(axis=-1)
-            maps[start:stop] = scores.reshape(stop - start, height, width)
-        return maps.max(axis=(1, 2)).astype(np.float64), maps
+            scores = _apply_metric(sq, self.metric).mean(axis=-1).reshape(stop - start, -1)
+            image_scores[start:stop] = scores.max(axis=1)
+            if maps:
+                patch_maps[start:stop] = scores.reshape(stop - start, height, width)
+        return image_scores, patch_maps
 
     def _estimate_state_mb(self, n_train, n_test, shapes):
+        # The finest grid bounds grid_stage's; chunks hold the stages' own channels too.
         locations, total = self._grid_and_dim(shapes)
-        dim = total if self.target_dim is None else min(int(self.target_dim), total)
+        pooled = self._concatenated_dim([chw[0] for chw in shapes.values()])
+        total = max(total, pooled)
+        dim = pooled if self.target_dim is None else min(int(self.target_dim), pooled)
+        if self.projection_dim is not None:
+            dim = int(self.projection_dim)
         n_patches = n_train * locations
         kept = (
             n_patches if self.coreset_ratio is None else math.ceil(self.coreset_ratio * n_patches)
@@ -325,5 +495,3 @@ class PatchCoreDetector(BaseDetector):
         chunk_mb = _IMAGE_CHUNK * locations * total * 4 * 4 / _MB
         query_mb = _QUERY_CHUNK * (2 * self.n_neighbors + 2) * dim * 4 / _MB
         return bank_mb + max(chunk_mb, query_mb)
-
-

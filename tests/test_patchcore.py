@@ -1,0 +1,269 @@
+"""PatchCore against independent brute-force references (loops over patches, exact search)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_detectors import (
+    SHARED_DATA,
+    assert_close,
+    embedded_category,
+    metric_of,
+    pairwise,
+    random_features,
+    ref_adaptive_pool,
+    ref_average_3x3,
+    ref_bilinear_stack,
+    ref_patches,
+)
+
+from sroc.detectors import PatchCoreDetector, greedy_coreset_indices, patchcore
+
+
+@pytest.fixture(scope="module")
+def train():
+    return random_features(12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def test():
+    return random_features(5, seed=2)
+
+
+def test_greedy_coreset_matches_brute_force_k_center():
+    points = np.random.default_rng(3).normal(size=(60, 5)).astype(np.float32)
+    starts = np.array([4, 17, 33])
+    distances = pairwise(points, points)
+    current = distances[:, starts].mean(axis=1)
+    expected = []
+    for _ in range(12):
+        chosen = int(np.argmax(current))
+        expected.append(chosen)
+        current = np.minimum(current, distances[:, chosen])
+    assert greedy_coreset_indices(points, 12, starts).tolist() == sorted(expected)
+
+
+def ref_patchcore_features(features, patch_size, target_dim):
+    parts = []
+    for stage in features:
+        maps = ref_average_3x3(features[stage]) if patch_size == 3 else features[stage]
+        parts.append(ref_bilinear_stack(maps, 8, 8))
+    patches = ref_patches(np.concatenate(parts, axis=1))  # (n, 64, D)
+    if target_dim is not None:
+        patches = np.array([ref_adaptive_pool(p, target_dim) for p in patches])
+    return patches
+
+
+def ref_patchcore_scores(test_patches, bank, k, metric, excluded_rows=None):
+    maps = []
+    for i, patches in enumerate(test_patches):
+        distances = pairwise(patches, bank)
+        if excluded_rows is not None:
+            distances[:, excluded_rows[i]] = np.inf
+        maps.append(metric_of(np.sort(distances, axis=1)[:, :k], metric).mean(axis=1))
+    maps = np.array(maps).reshape(-1, 8, 8)
+    return maps.max(axis=(1, 2)), maps
+
+
+@pytest.mark.parametrize(
+    "patch_size, target_dim, metric",
+    [(3, None, "euclidean"), (1, None, "sqeuclidean"), (3, 11, "euclidean")],
+)
+def test_patchcore_exact_matches_reference(train, test, patch_size, target_dim, metric):
+    detector = PatchCoreDetector(
+        index="flat", patch_size=patch_size, target_dim=target_dim, metric=metric
+    )
+    scores, maps = detector.fit(train).score(test)
+    bank = ref_patchcore_features(train, patch_size, target_dim).reshape(-1, target_dim or 28)
+    expected_scores, expected_maps = ref_patchcore_scores(
+        ref_patchcore_features(test, patch_size, target_dim), bank, 5, metric
+    )
+    assert_close(scores, expected_scores)
+    assert_close(maps, expected_maps)
+
+
+@pytest.mark.parametrize("index, masked", [("flat", True), ("flat", False), ("ivfflat", False)])
+def test_patchcore_exclude_self_leaves_each_image_out(train, index, masked, monkeypatch):
+    # Exact search masks a chunk's own patches at once, or (large banks) searches per image.
+    monkeypatch.setattr(patchcore, "_MASKED_SEARCH_ENTRIES", 2**26 if masked else 0)
+    # With every IVF cell probed the IVF search is exhaustive, hence exact.
+    detector = PatchCoreDetector(index=index, n_lists=4, n_probes=4, exclude_self=True)
+    scores, maps = detector.fit(train).score(train)
+    patches = ref_patchcore_features(train, 3, None)
+    own_rows = [np.arange(i * 64, (i + 1) * 64) for i in range(12)]
+    expected_scores, expected_maps = ref_patchcore_scores(
+        patches, patches.reshape(-1, 28), 5, "euclidean", own_rows
+    )
+    assert_close(scores, expected_scores)
+    assert_close(maps, expected_maps)
+
+
+def test_patchcore_on_its_training_set_counts_itself_at_zero(train):
+    _, maps = PatchCoreDetector(index="flat", n_neighbors=1).fit(train).score(train)
+    assert np.all(maps == 0)
+
+
+def test_patchcore_coreset_searches_the_selected_patches(train, test):
+    detector = PatchCoreDetector(index="flat", coreset_ratio=0.25, coreset_projection_dim=8).fit(
+        train
+    )
+    kept = detector.memory_indices_
+    assert len(kept) == math.ceil(0.25 * 12 * 64) and np.all(np.diff(kept) > 0)
+    bank = ref_patchcore_features(train, 3, None).reshape(-1, 28)[kept]
+    expected_scores, expected_maps = ref_patchcore_scores(
+        ref_patchcore_features(test, 3, None), bank, 5, "euclidean"
+    )
+    scores, maps = detector.score(test)
+    assert_close(scores, expected_scores)
+    assert_close(maps, expected_maps)
+
+
+def test_patchcore_ivf_is_deterministic_and_close_to_exact(train, test):
+    bigger_train, bigger_test = random_features(60, seed=5), random_features(10, seed=6)
+    runs = [
+        PatchCoreDetector(n_lists=16, n_probes=4, random_state=3)
+        .fit(bigger_train)
+        .score(bigger_test)
+        for _ in range(2)
+    ]
+    assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
+    exact = PatchCoreDetector(index="flat").fit(bigger_train).score(bigger_test)
+    # An approximate search can only miss neighbours, never find closer ones.
+    assert np.all(runs[0][1] >= exact[1] - 1e-5)
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+def test_ivf_default_recall_and_speed_on_real_features(tmp_path):
+    import time
+
+    from sroc.backbones import BackboneConfig
+
+    train, test, _ = embedded_category(
+        SHARED_DATA / "piped", "PA_BDP01_TL", tmp_path / "cache.h5", BackboneConfig()
+    )
+    ivf = PatchCoreDetector(n_jobs=2).fit(train)
+    exact = PatchCoreDetector(index="flat", n_jobs=2).fit(train)
+    patches = ivf.patch_features(test)
+    queries = patches[np.random.default_rng(0).choice(len(patches), 3000, replace=False)]
+    started = time.perf_counter()
+    _, exact_ids = exact.kneighbors(queries)
+    exact_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    _, ivf_ids = ivf.kneighbors(queries)
+    ivf_seconds = time.perf_counter() - started
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ivf_ids, exact_ids, strict=True)])
+    assert recall >= 0.95, f"recall@5 {recall:.3f} with {ivf.n_lists_} lists, {ivf.n_probes} probes"
+    assert ivf_seconds < exact_seconds
+
+
+def ref_area_average(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Mean of each integer block of (n, C, H, W) maps."""
+    n, c, h, w = maps.shape
+    blocks = maps.astype(np.float64).reshape(n, c, height, h // height, width, w // width)
+    return blocks.mean(axis=(3, 5))
+
+
+def ref_stage_patches(features, layer_dim=None, grid=(8, 8)):
+    """3x3-averaged stages, each optionally pooled to ``layer_dim`` channels, on ``grid``."""
+    parts = []
+    for maps in features.values():
+        maps = ref_average_3x3(maps)
+        if layer_dim is not None:
+            n, c, h, w = maps.shape
+            vectors = maps.transpose(0, 2, 3, 1).reshape(-1, c)
+            maps = ref_adaptive_pool(vectors, layer_dim).reshape(n, h, w, -1).transpose(0, 3, 1, 2)
+        if maps.shape[2] > grid[0]:
+            maps = ref_area_average(maps, *grid)
+        parts.append(ref_bilinear_stack(maps, *grid))
+    return ref_patches(np.concatenate(parts, axis=1))
+
+
+@pytest.mark.parametrize("layer_dim, grid_stage", [(8, None), (None, "s2"), (16, "s2")])
+def test_patchcore_layer_pooling_and_grid_stage_match_reference(train, test, layer_dim, grid_stage):
+    detector = PatchCoreDetector(index="flat", layer_dim=layer_dim, grid_stage=grid_stage)
+    scores, maps = detector.fit(train).score(test)
+    grid = (8, 8) if grid_stage is None else (4, 4)
+    bank = ref_stage_patches(train, layer_dim, grid)
+    queries = ref_stage_patches(test, layer_dim, grid)
+    expected = []
+    for image in queries:
+        patch_scores = np.sort(pairwise(image, bank.reshape(-1, bank.shape[-1])), axis=1)
+        expected.append(patch_scores[:, :5].mean(axis=1).reshape(grid))
+    expected = np.array(expected)
+    assert maps.shape == (5, *grid)
+    assert_close(maps, expected)
+    assert_close(scores, expected.max(axis=(1, 2)))
+
+
+def test_patchcore_projection_is_seeded_and_searches_projected_patches(train, test):
+    detector = PatchCoreDetector(index="flat", projection_dim=7, random_state=4).fit(train)
+    projection = detector.projection_
+    assert projection.shape == (28, 7)
+    assert np.array_equal(
+        projection, PatchCoreDetector(projection_dim=7, random_state=4).fit(train).projection_
+    )
+    bank = ref_patchcore_features(train, 3, None).reshape(-1, 28) @ projection
+    expected_scores, expected_maps = ref_patchcore_scores(
+        ref_patchcore_features(test, 3, None) @ projection, bank, 5, "euclidean"
+    )
+    scores, maps = detector.score(test)
+    assert_close(scores, expected_scores, rtol=1e-4, atol=1e-5)
+    assert_close(maps, expected_maps, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_patchcore_scores_without_maps_equal_those_with(train, test, exclude_self):
+    detector = PatchCoreDetector(n_lists=4, n_probes=2, exclude_self=exclude_self).fit(train)
+    queries = detector._validate(train if exclude_self else test, fitting=False)
+    scores, maps = detector._score(queries, maps=True)
+    image_scores, no_maps = detector._score(queries, maps=False)
+    assert no_maps is None
+    assert np.array_equal(image_scores, scores)
+    assert np.array_equal(image_scores, maps.max(axis=(1, 2)))
+
+
+@pytest.mark.parametrize(
+    "n_train, params",
+    [
+        # 51,200 patches in 679 IVF cells: faiss's k-means on two threads moved centroids by
+        # up to 0.12 here (smaller problems happened to agree).
+        (200, {"ivf_train_points_per_list": 256, "n_probes": 2}),
+        (100, {"coreset_ratio": 0.1, "projection_dim": 16, "n_lists": 16, "n_probes": 2}),
+    ],
+)
+def test_patchcore_results_do_not_depend_on_the_thread_count(n_train, params):
+    shapes = {"s1": (64, 16, 16), "s2": (96, 8, 8)}
+    bigger_train = random_features(n_train, seed=7, shapes=shapes)
+    bigger_test = random_features(4, seed=8, shapes=shapes)
+    fitted = [PatchCoreDetector(n_jobs=n_jobs, **params).fit(bigger_train) for n_jobs in (1, 2)]
+    if fitted[0].index == "ivfflat":
+        centroids = [d.index_.quantizer.reconstruct_n(0, d.n_lists_) for d in fitted]
+        assert np.array_equal(*centroids)
+    runs = [detector.score(bigger_test) for detector in fitted]
+    assert np.array_equal(runs[0][0], runs[1][0])
+    assert np.array_equal(runs[0][1], runs[1][1])
+
+
+def test_settings_benchmark_quick_mode_runs():
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    result = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "patchcore_settings.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    # The synthetic anomalies are strong: every setting must separate them.
+    assert last.startswith("quick_min_auroc:") and float(last.split()[1]) >= 0.9, result.stdout
