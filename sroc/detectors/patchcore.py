@@ -21,7 +21,12 @@ from sroc.detectors.base import (
     _thread_limit,
     _upsample,
 )
-from sroc.detectors.neighbours import _apply_metric, _check_metric, _nearest_sq_distances
+from sroc.detectors.neighbours import (
+    _apply_metric,
+    _check_metric,
+    _nearest_sq_distances,
+    exact_sq_distances,
+)
 
 # Self-scoring with an exact search masks each chunk's own patches in one (queries x bank)
 # boolean matrix while it has at most this many entries (64 MB); larger banks search per image.
@@ -414,8 +419,7 @@ class PatchCoreDetector(BaseDetector):
             _, ids[missing] = _nearest_sq_distances(
                 queries[missing], self.memory_bank_, self.n_neighbors, excluded
             )
-        diff = queries[:, None, :] - self.memory_bank_[ids]
-        sq = np.einsum("qkd,qkd->qk", diff, diff)
+        sq = exact_sq_distances(queries, self.memory_bank_, ids)
         order = np.argsort(sq, axis=1, kind="stable")
         return np.take_along_axis(sq, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
