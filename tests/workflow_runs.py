@@ -120,22 +120,22 @@ def assert_same_file(
     """Assert two result files hold the same data, whatever their bytes. Timings are left out;
     paths inside the runs' folders (``roots``) are compared relative to them."""
     compare = {".h5": _compare_hdf5, ".json": _compare_json}.get(first.suffix, _compare_table)
-    relative = (
-        (lambda value: value, lambda value: value) if roots is None
-        else tuple(_relative_to(root) for root in roots)
-    )  # fmt: skip
-    compare(first, second, name, relative)
+    # A copied run's files may name the folder it was copied from: either root reads "<run>".
+    relative = _relative_to(roots or ())
+    compare(first, second, name, (relative, relative))
 
 
-def _relative_to(root: Path):
-    """A function that writes the paths under ``root`` in a value relative to it."""
-    prefix = str(Path(root).resolve())
+def _relative_to(roots):
+    """A function that writes the paths under ``roots`` in a value relative to them."""
+    prefixes = sorted({str(p) for root in roots for p in (Path(root), Path(root).resolve())})
 
     def relative(value):
         if isinstance(value, bytes):
             value = value.decode()
         if isinstance(value, str):
-            return value.replace(prefix, "<run>").replace(str(root), "<run>")
+            for prefix in prefixes[::-1]:  # a path before its own prefix
+                value = value.replace(prefix, "<run>")
+            return value
         if isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
             return np.array([relative(item) for item in value.ravel()], dtype=object).reshape(
                 value.shape
