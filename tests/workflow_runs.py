@@ -25,10 +25,11 @@ SKIPPED_FOLDERS = {"logs", "plots", "data"}
 
 
 def tiny_config() -> dict:
-    """config/synthetic.yaml cut down to one category, one seed and two detectors."""
+    """config/synthetic.yaml cut down to one category, one seed and two detectors; 20 training
+    images, so that one fold of five still holds KNN's 3 neighbours."""
     config = yaml.safe_load((REPO / "config" / "synthetic.yaml").read_text())
     config["dataset"]["categories"] = config["dataset"]["categories"][:1]
-    config["dataset"]["synthetic"].update(image_size=64, n_train=10, n_test_good=4)
+    config["dataset"]["synthetic"].update(image_size=64, n_train=20, n_test_good=4)
     config["dataset"]["synthetic"]["n_test_per_defect"] = 3
     config["pollution"]["seeds"] = [0]
     config["pollution"]["ratios"] = [0.0, 0.2]
