@@ -88,9 +88,6 @@ def test_a_new_backbone_reruns_the_embeddings_and_everything_downstream(finished
     assert "embed" in {rule for rule, _ in plan} and not {rule for rule, _ in plan} & DATA_RULES
 
 
-@pytest.mark.xfail(
-    "refinement" not in tiny_config(), reason="needs the refinement grid", strict=False
-)
 def test_a_new_refinement_ratio_adds_its_cells_and_the_aggregation_only(finished):
     workdir, config = finished
     changed = copy.deepcopy(config)
