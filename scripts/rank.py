@@ -26,6 +26,11 @@ with rule_logging(snakemake.log[0]) as log:
             strategies=snakemake.params.strategies,
             n_folds=snakemake.params.n_folds,
             rng_seed=grid.strategy_seed(snakemake.wildcards.category, job.info["seed"]),
+            iterative_steps=snakemake.params.iterative_steps,
+            consensus=[
+                grid.DetectorSpec(**member, n_jobs=snakemake.threads)
+                for member in snakemake.params.consensus
+            ],
         )
         unrefined = rankings if snakemake.params.unrefined_rows else []
         rows = grid.result_rows(fitted, job.evaluation, unrefined)

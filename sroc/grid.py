@@ -36,8 +36,13 @@ from sroc.runs import Run, StoredRanking
 
 log = logging.getLogger(__name__)
 
-# Strategies that rank the polluted training set; the oracle needs no ranking.
-RANKED_STRATEGIES = ("sroc", "random", "cross_validation", "stoc", "by_refiner")
+# Strategies that rank the polluted training set; the oracle needs no ranking. The last three go
+# beyond the paper (docs/refinement.md): leave-one-out self-scores, SROC in several steps, and
+# the consensus of several detectors' leave-one-out rankings.
+RANKED_STRATEGIES = (
+    "sroc", "random", "cross_validation", "stoc", "by_refiner",
+    "sroc_loo", "iterative_sroc", "consensus",
+)  # fmt: skip
 STRATEGIES = (*RANKED_STRATEGIES, "oracle")
 
 
@@ -50,10 +55,12 @@ class DetectorSpec:
     random_state: int = 0
     n_jobs: int = 1
 
-    def factory(self) -> Callable[[], BaseDetector]:
-        """A zero-argument callable returning a fresh, unfitted detector."""
+    def factory(self, **overrides) -> Callable[[], BaseDetector]:
+        """A zero-argument callable returning a fresh, unfitted detector (``overrides`` replace
+        hyper-parameters, e.g. ``exclude_self=True`` for leave-one-out self-scoring)."""
+        params = {**dict(self.params), **overrides}
         return lambda: make_detector(
-            self.type, random_state=self.random_state, n_jobs=self.n_jobs, **dict(self.params)
+            self.type, random_state=self.random_state, n_jobs=self.n_jobs, **params
         )
 
 
@@ -129,9 +136,12 @@ def unrefined_runs_and_rankings(
     strategies: Sequence[str],
     n_folds: int,
     rng_seed: int,
+    iterative_steps: int = 3,
+    consensus: Sequence[DetectorSpec] = (),
 ) -> tuple[list[Run], list[StoredRanking]]:
     """The robustness curve, the rankings of the polluted training set at ``refined_ratio``,
-    and the oracle (see the module docstring)."""
+    and the oracle (see the module docstring). ``iterative_steps`` and ``consensus`` (the
+    detectors whose leave-one-out rankings are averaged) serve the strategies of those names."""
     factory = detector.factory()
     runs, scorer = [], None
     ratios = set(map(float, pollution_ratios))
@@ -179,6 +189,24 @@ def unrefined_runs_and_rankings(
         elif strategy == "by_refiner":
             ranking = refinement.sroc_ranking(features, ids, refiner.factory())
             ranked_by = refiner.type
+        elif strategy == "sroc_loo":
+            ranking = refinement.sroc_ranking(features, ids, detector.factory(exclude_self=True))
+            ranked_by = detector.type
+        elif strategy == "iterative_sroc":
+            ranking = refinement.iterative_sroc_ranking(
+                features, ids, factory, refined_ratio, iterative_steps
+            )
+            ranked_by = detector.type
+        elif strategy == "consensus":
+            members = consensus or (detector,)
+            ranking = refinement.consensus_ranking(
+                [
+                    refinement.sroc_ranking(features, ids, member.factory(exclude_self=True))
+                    for member in members
+                ],
+                ids,
+            )
+            ranked_by = "+".join(member.type for member in members)
         else:
             raise ValueError(f"unknown refinement strategy {strategy!r}; choose from {STRATEGIES}")
         log.info(

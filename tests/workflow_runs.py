@@ -34,24 +34,19 @@ def tiny_config() -> dict:
     config["pollution"]["seeds"] = [0]
     config["pollution"]["ratios"] = [0.0, 0.2]
     config["backbone"]["input_size"] = 96
-    detectors = config["detectors"]
-    if isinstance(detectors, dict):
-        config["detectors"] = {name: detectors[name] for name in ("knn", "mahalanobis")}
-        config["detectors"]["knn"]["params"] = {"n_neighbors": 3}
-    else:  # a list of {name, type, params, threads}
-        config["detectors"] = [d for d in detectors if d["name"] in ("knn", "mahalanobis")]
-        next(d for d in config["detectors"] if d["name"] == "knn")["params"] = {"n_neighbors": 3}
-    if "refinement" in config:
-        config["refinement"]["ratios"] = [0.0, 0.2]
+    config["detectors"] = [d for d in config["detectors"] if d["name"] in ("knn", "mahalanobis")]
+    next(d for d in config["detectors"] if d["name"] == "knn")["params"] = {"n_neighbors": 3}
+    config["refinement"]["ratios"] = [0.0, 0.2]
+    # The paper's strategies: these tests are about execution, not about what goes beyond it.
+    config["refinement"]["strategies"] = [
+        "sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner",
+    ]  # fmt: skip
     return config
 
 
 def detector_entry(config: dict, name: str) -> dict:
-    """The configuration of detector ``name``, whether ``detectors`` is a mapping or a list."""
-    detectors = config["detectors"]
-    if isinstance(detectors, dict):
-        return detectors[name]
-    return next(d for d in detectors if d["name"] == name)
+    """The configuration of detector ``name``."""
+    return next(d for d in config["detectors"] if d["name"] == name)
 
 
 def snakemake(

@@ -34,6 +34,9 @@ STRATEGY_NAMES = {
     "cross_validation": "cross-validation",
     "stoc": "STOC",
     "by_refiner": "SROC ranked by the refiner",
+    "sroc_loo": "SROC, leave-one-out",
+    "iterative_sroc": "iterative SROC",
+    "consensus": "consensus of detectors",
 }
 POLLUTION_AXIS = "pollution of the training set (%)"
 REFINEMENT_AXIS = "share of the training set removed by refinement (%)"

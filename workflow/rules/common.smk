@@ -32,6 +32,8 @@ REFINEMENT = {
     "n_folds": 5,
     "refiner": "mahalanobis",
     "refiner_params": {},
+    "iterative_steps": 3,
+    "consensus": ["knn", "mahalanobis", "padim"],
     **config.get("refinement", {}),
 }
 # r = 0 is the unrefined model, fitted by the ranking job; every other ratio is a job.

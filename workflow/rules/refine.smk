@@ -31,6 +31,11 @@ rule rank:
         refined_ratio=REFINEMENT["pollution_ratio"],
         strategies=REFINEMENT["strategies"],
         n_folds=REFINEMENT["n_folds"],
+        iterative_steps=REFINEMENT["iterative_steps"],
+        consensus=[
+            {"type": member, "params": {}, "random_state": RANDOM_STATE}
+            for member in REFINEMENT["consensus"]
+        ],
         unrefined_rows=0.0 in REFINEMENT["ratios"],
         evaluation=EVALUATION,
         input_size=BACKBONE.input_size,
