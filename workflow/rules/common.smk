@@ -28,7 +28,14 @@ DETECTORS = {detector["name"]: detector for detector in config.get("detectors", 
 REFINEMENT = {
     "pollution_ratio": 0.2,
     "ratios": [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8],
-    "strategies": ["sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner"],
+    "strategies": [
+        "sroc",
+        "random",
+        "cross_validation",
+        "stoc",
+        "oracle",
+        "by_refiner",
+    ],
     "n_folds": 5,
     "refiner": "mahalanobis",
     "refiner_params": {},
@@ -52,7 +59,9 @@ for position, detector in enumerate(config.get("detectors", [])):
         f"config detectors[{position}] ({detector['name']})",
     )
 validate_params(
-    REFINEMENT["refiner"], REFINEMENT["refiner_params"], "config refinement.refiner_params"
+    REFINEMENT["refiner"],
+    REFINEMENT["refiner_params"],
+    "config refinement.refiner_params",
 )
 if REFINEMENT["strategies"] and (
     REFINEMENT["pollution_ratio"] > config["pollution"]["set_fraction"] + 1e-9
@@ -177,7 +186,12 @@ def detector_mem_mb(wildcards, input):
 # Seconds of one fit plus one test scoring per training image, measured on 2 cores with the
 # default settings (benchmarks/fit_cost.py), with a wide margin: a job that outlives its
 # runtime is killed by a cluster.
-SECONDS_PER_IMAGE_FIT = {"knn": 0.01, "mahalanobis": 0.005, "padim": 0.02, "patchcore": 0.1}
+SECONDS_PER_IMAGE_FIT = {
+    "knn": 0.01,
+    "mahalanobis": 0.005,
+    "padim": 0.02,
+    "patchcore": 0.1,
+}
 
 
 def detector_runtime(wildcards, input, attempt):
