@@ -7,8 +7,8 @@ of ``--category dataset/category`` built under ``--cache-dir`` (as benchmarks/de
 does); or, with ``--quick``, tiny random features. One cell per category: the split of seed 0
 (``sroc.splits.make_split``), its training set at ``refinement.pollution_ratio`` and its test set.
 
-For each detector of the config (``detectors:`` as a dict or as a list of ``{name, type, params,
-threads}``), on its configured threads, it measures:
+For each detector of the config (``detectors:``, a list of ``{name, type, params, threads}``), on
+its configured threads, it measures:
 
 - fit seconds;
 - test-scoring seconds, with maps and with image scores only (``score(features, maps=False)``;
@@ -58,20 +58,12 @@ import yaml
 from matmul_limit import measure_limit
 
 from sroc.detectors import make_detector
+from sroc.grid import RANKED_STRATEGIES, refinement_settings
 from sroc.splits import make_split, n_injected, round_half_up, test_set, training_set
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "config" / "config.yaml"
-REFINEMENT_DEFAULTS = {
-    "pollution_ratio": 0.2,
-    "ratios": [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8],
-    "strategies": ["sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner"],
-    "n_folds": 5,
-    "refiner": "mahalanobis",
-    "refiner_params": {},
-}
 DEFAULT_SEEDS = [0, 1, 2]
-REFIT_STRATEGIES = ("sroc", "random", "cross_validation", "stoc", "by_refiner")
 FAISS_KMEANS_ITERATIONS = 10  # faiss IndexIVF.cp.niter: k-means iterations of IVF training
 # Quick mode: the real backbone's channels (tf_efficientnet_lite2 blocks.2/4/5) on tiny grids.
 QUICK_SHAPES = {"blocks.2": (48, 16, 16), "blocks.4": (120, 8, 8), "blocks.5": (208, 4, 4)}
@@ -90,11 +82,7 @@ class DetectorSpec:
 
 
 def detector_specs(config: dict) -> list[DetectorSpec]:
-    """The config's detectors, whether ``detectors:`` is a dict {name: {type, params, threads}}
-    or a list of {name, type, params, threads}."""
-    entries = config.get("detectors") or []
-    if isinstance(entries, dict):
-        entries = [{"name": name, **(spec or {})} for name, spec in entries.items()]
+    """The config's ``detectors:`` list of {name, type, params, threads}."""
     return [
         DetectorSpec(
             str(entry["name"]),
@@ -102,12 +90,8 @@ def detector_specs(config: dict) -> list[DetectorSpec]:
             dict(entry.get("params") or {}),
             int(entry.get("threads", 1)),
         )
-        for entry in entries
+        for entry in config.get("detectors") or []
     ]
-
-
-def refinement_settings(config: dict) -> dict:
-    return {**REFINEMENT_DEFAULTS, **(config.get("refinement") or {})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,8 +381,12 @@ def _built_caches(args, config: dict) -> list[Path]:
 # Grid projection
 
 
-def cell_seconds(spec, detector, cost: Cost, cell: Cell, config: dict, refiner: Cost | None):
-    """Seconds of one (category, seed, detector) cell of the grid, and its number of jobs."""
+def cell_seconds(
+    spec, detector, cost: Cost, cell: Cell, config: dict, others: dict[str, list[Cost]]
+):
+    """Seconds of one (category, seed, detector) cell of the grid, and its number of jobs.
+    ``others`` holds the costs of the detectors that rank for another: the refiner
+    (``by_refiner``) and the consensus members (``consensus``)."""
     refinement = refinement_settings(config)
     strategies = set(refinement["strategies"])
     folds = int(refinement["n_folds"])
@@ -431,13 +419,18 @@ def cell_seconds(spec, detector, cost: Cost, cell: Cell, config: dict, refiner: 
         seconds += folds * (fit(n / folds) + score(n / folds, n, False))
     if "oracle" in strategies:
         seconds += test_run(n - cell.n_polluted)
+    if "sroc_loo" in strategies:
+        seconds += cost.fit_s + cost.self_s
+    if "iterative_sroc" in strategies:  # at most one fit and self-score per step
+        seconds += int(refinement["iterative_steps"]) * (cost.fit_s + cost.self_s)
     refined = [r for r in refinement["ratios"] if r > 0]
     for ratio in refined:
-        seconds += len(strategies & set(REFIT_STRATEGIES)) * test_run(
+        seconds += len(strategies & set(RANKED_STRATEGIES)) * test_run(
             round_half_up((1 - ratio) * n)
         )
-    if "by_refiner" in strategies and refiner is not None:
-        seconds += refiner.fit_s + refiner.self_s
+    for other in ("by_refiner", "consensus"):
+        if other in strategies:
+            seconds += sum(member.fit_s + member.self_s for member in others[other])
     return seconds, 1 + len(refined)
 
 
@@ -476,9 +469,14 @@ def main(argv: list[str] | None = None) -> None:
     for threads, limit in sorted(limits.items()):
         print(f"matmul limit on {threads} thread(s): {limit.describe()}")
 
-    refiner_spec = DetectorSpec(
-        "refiner", refinement["refiner"], dict(refinement["refiner_params"] or {}), 1
-    )
+    other_specs = {
+        "by_refiner": [
+            DetectorSpec(
+                "refiner", refinement["refiner"], dict(refinement["refiner_params"] or {}), 1
+            )
+        ],
+        "consensus": [DetectorSpec(m, m, {}, 1) for m in refinement["consensus"]],
+    }
     cell_totals = {}
     for cell in cells:
         n_train = len(next(iter(cell.train.values())))
@@ -489,9 +487,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         overhead = job_overhead_seconds(cell, 1 if args.quick else 2)
         print(f"per-job overhead (python, imports, feature load): {overhead:.2f} s")
-        refiner = None
-        if "by_refiner" in refinement["strategies"]:
-            refiner = measure(refiner_spec, cell, random_state)[0]
+        others = {
+            strategy: [measure(other, cell, random_state)[0] for other in other_specs[strategy]]
+            for strategy in other_specs
+            if strategy in refinement["strategies"]
+        }
         cell_totals[cell.category] = 0.0
         rows = []
         for spec in specs:
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{spec.name}: not measured ({error}); left out of the projection")
                 continue
             limit = limits[spec.threads].gflops
-            seconds, jobs = cell_seconds(spec, detector, cost, cell, config, refiner)
+            seconds, jobs = cell_seconds(spec, detector, cost, cell, config, others)
             job_seconds = (seconds + jobs * overhead) * spec.threads
             cell_totals[cell.category] += job_seconds
             rows.append(

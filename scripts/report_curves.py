@@ -18,7 +18,10 @@ with rule_logging(snakemake.log[0]):
             figures.plot_refinement_curve(runs, params.metric, paths, title=title)
         elif params.kind == "refiner":
             figures.plot_refinement_curve(
-                runs, params.metric, paths, refiner=params.refiner,
+                runs,
+                params.metric,
+                paths,
+                refiner=params.refiner,
                 title=f"{title}, training set ranked by {params.refiner}",
             )
         else:

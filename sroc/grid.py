@@ -44,6 +44,23 @@ RANKED_STRATEGIES = (
     "sroc_loo", "iterative_sroc", "consensus",
 )  # fmt: skip
 STRATEGIES = (*RANKED_STRATEGIES, "oracle")
+# The config's ``refinement:`` section without the keys that it leaves out: the workflow
+# (common.smk) and benchmarks/fit_cost.py read the section through :func:`refinement_settings`.
+REFINEMENT_DEFAULTS = {
+    "pollution_ratio": 0.2,
+    "ratios": [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8],
+    "strategies": ["sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner"],
+    "n_folds": 5,
+    "refiner": "mahalanobis",
+    "refiner_params": {},
+    "iterative_steps": 3,
+    "consensus": ["knn", "mahalanobis", "padim"],
+}
+
+
+def refinement_settings(config: Mapping) -> dict:
+    """The ``refinement:`` section of ``config`` over :data:`REFINEMENT_DEFAULTS`."""
+    return {**REFINEMENT_DEFAULTS, **(config.get("refinement") or {})}
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ def last_value(stdout: str, key: str) -> float:
         ("metrics.py", "au_pro_speedup"),
         ("matmul_limit.py", "matmul_limit_gflops"),
         ("fit_cost.py", "default_grid_minutes"),
+        ("patchcore_settings.py", "quick_min_auroc"),
         pytest.param("detectors.py", "min_ivf_recall", marks=pytest.mark.slow),
         pytest.param("embed_throughput.py", "throughput_ratio", marks=pytest.mark.slow),
     ],
@@ -64,7 +65,14 @@ def test_quick_mode_prints_its_key_figure(script, key):
 
 
 def test_every_benchmark_has_a_quick_mode_test():
-    tested = {"metrics.py", "matmul_limit.py", "fit_cost.py", "detectors.py", "embed_throughput.py"}
+    tested = {
+        "metrics.py",
+        "matmul_limit.py",
+        "fit_cost.py",
+        "patchcore_settings.py",
+        "detectors.py",
+        "embed_throughput.py",
+    }
     scripts = {p.name for p in BENCHMARKS.glob("*.py")}
     assert scripts == tested, f"add the quick mode of {sorted(scripts - tested)} to this test"
 
@@ -80,26 +88,15 @@ def test_matmul_limit_runs_without_the_throttling_variables(monkeypatch):
     assert os.environ["OPENBLAS_CORETYPE"] == "Haswell"
 
 
-def test_detector_specs_read_the_dict_and_the_list_shapes_alike():
-    as_dict = {
-        "detectors": {
-            "knn": {"type": "knn", "params": {"n_neighbors": 3}},
-            "mahalanobis": {"type": "mahalanobis"},
-            "padim": {"type": "padim", "params": {"n_features": 10}, "threads": 2},
-        }
-    }
-    as_list = {
+def test_detector_specs_read_the_config_list_with_one_thread_by_default():
+    config = {
         "detectors": [
-            {"name": "knn", "type": "knn", "params": {"n_neighbors": 3}},
-            {"name": "mahalanobis", "type": "mahalanobis"},
+            {"name": "knn3", "type": "knn", "params": {"n_neighbors": 3}},
             {"name": "padim", "type": "padim", "params": {"n_features": 10}, "threads": 2},
         ]
     }
-    specs = fit_cost.detector_specs(as_dict)
-    assert specs == fit_cost.detector_specs(as_list)
-    assert [(s.name, s.type, s.params, s.threads) for s in specs] == [
-        ("knn", "knn", {"n_neighbors": 3}, 1),
-        ("mahalanobis", "mahalanobis", {}, 1),
+    assert [(s.name, s.type, s.params, s.threads) for s in fit_cost.detector_specs(config)] == [
+        ("knn3", "knn", {"n_neighbors": 3}, 1),
         ("padim", "padim", {"n_features": 10}, 2),
     ]
 
@@ -136,10 +133,14 @@ def test_grid_projection_counts_every_fit_of_a_cell():
         "refinement": {
             "pollution_ratio": 0.2,
             "ratios": [0.0, 0.25, 0.5],
-            "strategies": ["sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner"],
+            "strategies": [
+                "sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner",
+                "sroc_loo", "iterative_sroc", "consensus",
+            ],
             "n_folds": 4,
+            "iterative_steps": 3,
         },
-    }
+    }  # fmt: skip
     rng = np.random.default_rng(0)
     n, n_test, n_polluted = 40, 10, 8
     shapes = {"a": (6, 4, 4)}
@@ -154,16 +155,23 @@ def test_grid_projection_counts_every_fit_of_a_cell():
     detector = make_detector("knn").fit(cell.train)
     full_fit = fit_cost.fit_flops("knn", detector, shapes, n)
     tiny = 1e-12  # scoring: nearly free, but a nonzero measured time to scale from
-    cost = fit_cost.Cost(1.0, tiny, tiny, 0.0, "", False, full_fit, 1.0, 1.0, 1.0)
+    self_s = 0.5
+    cost = fit_cost.Cost(1.0, tiny, tiny, self_s, "", False, full_fit, 1.0, 1.0, 1.0)
     refiner = fit_cost.Cost(2.0, 0, 0, 3.0, "", False, 1.0, 1.0, 1.0, 1.0)
-    seconds, jobs = fit_cost.cell_seconds(spec, detector, cost, cell, config, refiner)
+    members = [fit_cost.Cost(f, 0, 0, 1.0, "", False, 1.0, 1.0, 1.0, 1.0) for f in (4.0, 5.0)]
+    others = {"by_refiner": [refiner], "consensus": members}
+    seconds, jobs = fit_cost.cell_seconds(spec, detector, cost, cell, config, others)
     fit_sizes = [n] * 3  # robustness curve
     fit_sizes += [n - n / 4] * 4  # cross-validation
     fit_sizes += [n / 4] * 4  # STOC
     fit_sizes += [n - n_polluted]  # oracle
-    for ratio in (0.25, 0.5):  # sroc, random, cross_validation, stoc, by_refiner
-        fit_sizes += [round_half_up((1 - ratio) * n)] * 5
-    expected = sum(fit_sizes) / n + 2.0 + 3.0  # plus the refiner's fit and self-score
+    fit_sizes += [n]  # sroc_loo's leave-one-out model
+    fit_sizes += [n] * 3  # iterative_sroc, at most one fit per step
+    for ratio in (0.25, 0.5):  # one refit per ranked strategy: all but the oracle
+        fit_sizes += [round_half_up((1 - ratio) * n)] * 8
+    self_scores = 1 + 1 + 3  # sroc, sroc_loo, iterative_sroc's steps
+    others_s = (2.0 + 3.0) + (4.0 + 1.0) + (5.0 + 1.0)  # the refiner, the consensus members
+    expected = sum(fit_sizes) / n + self_scores * self_s + others_s
     assert seconds == pytest.approx(expected, rel=1e-6)
     assert jobs == 3  # one rank job and one refine job per ratio > 0
 

@@ -48,14 +48,29 @@ def fake_runs(masks: bool = True, seeds=SEEDS, refiner: str = "mahalanobis") -> 
             }
         rows.append(
             dict(
-                dataset="mvtec" if masks else "elpv", category=category, seed=seed,
-                detector=detector, detector_type=DETECTORS[detector], strategy=strategy,
-                refiner=refiner_, pollution_ratio=p, refinement_ratio=r, protocol="sroc-replace",
-                run=f"{detector}/{category}/{seed}/{strategy}/{p}/{r}", **metrics,
-                precision=precision, recall=recall, f1=f1, n_train=n_train,
-                n_polluted=n_polluted, n_removed=n_removed, n_kept=n_train - n_removed,
-                n_removed_polluted=hit, n_kept_polluted=n_polluted - hit,
-                fit_seconds=rng.uniform(0, 1), score_seconds=rng.uniform(0, 1),
+                dataset="mvtec" if masks else "elpv",
+                category=category,
+                seed=seed,
+                detector=detector,
+                detector_type=DETECTORS[detector],
+                strategy=strategy,
+                refiner=refiner_,
+                pollution_ratio=p,
+                refinement_ratio=r,
+                protocol="sroc-replace",
+                run=f"{detector}/{category}/{seed}/{strategy}/{p}/{r}",
+                **metrics,
+                precision=precision,
+                recall=recall,
+                f1=f1,
+                n_train=n_train,
+                n_polluted=n_polluted,
+                n_removed=n_removed,
+                n_kept=n_train - n_removed,
+                n_removed_polluted=hit,
+                n_kept_polluted=n_polluted - hit,
+                fit_seconds=rng.uniform(0, 1),
+                score_seconds=rng.uniform(0, 1),
             )
         )
         return metrics
@@ -70,8 +85,16 @@ def fake_runs(masks: bool = True, seeds=SEEDS, refiner: str = "mahalanobis") -> 
                         continue
                     ranked_by = {"random": "none", "by_refiner": refiner}.get(strategy, kind)
                     for r in REFINEMENT_RATIOS:
-                        add(detector, category, seed, strategy, ranked_by, 0.2, r,
-                            unrefined if r == 0 else None)
+                        add(
+                            detector,
+                            category,
+                            seed,
+                            strategy,
+                            ranked_by,
+                            0.2,
+                            r,
+                            unrefined if r == 0 else None,
+                        )
                 add(detector, category, seed, "oracle", "none", 0.2, 0.2)
     return pd.DataFrame(rows)
 
@@ -86,8 +109,10 @@ def direct(runs, metric, category, **conditions):
     average first."""
     chosen = runs
     for column, value in conditions.items():
-        chosen = chosen[np.isclose(chosen[column], value)] if isinstance(value, float) else (
-            chosen[chosen[column] == value]
+        chosen = (
+            chosen[np.isclose(chosen[column], value)]
+            if isinstance(value, float)
+            else (chosen[chosen[column] == value])
         )
     if category != "mean":
         chosen = chosen[chosen["category"] == category]
@@ -107,18 +132,27 @@ def test_table1_equals_direct_computation(runs, tmp_path):
         for ratio in (0.0, 0.2):
             condition = dict(detector=detector, strategy="none", pollution_ratio=ratio)
             for category in CATEGORIES:
-                check_cell(table, category, detector, ratio,
-                           direct(runs, "image_auroc", category, **condition))
-            for metric, row in [("image_auroc", "Mean AUROC"), ("au_iou", "Mean AU-IoU"),
-                                ("au_pro", "Mean AU-PRO")]:
+                check_cell(
+                    table,
+                    category,
+                    detector,
+                    ratio,
+                    direct(runs, "image_auroc", category, **condition),
+                )
+            for metric, row in [
+                ("image_auroc", "Mean AUROC"),
+                ("au_iou", "Mean AU-IoU"),
+                ("au_pro", "Mean AU-PRO"),
+            ]:
                 check_cell(table, row, detector, ratio, direct(runs, metric, "mean", **condition))
     assert table.rows() == [*CATEGORIES, "Mean AUROC", "Mean AU-IoU", "Mean AU-PRO"]
     # The files hold the same numbers, and print them as the paper does.
     paths = [tmp_path / f"t1.{e}" for e in ("csv", "md", "tex")]
     tables.write_paper_table(table, *paths)
     csv = pd.read_csv(paths[0]).set_index("row")
-    mean, std = direct(runs, "image_auroc", "bottle", detector="padim", strategy="none",
-                       pollution_ratio=0.2)
+    mean, std = direct(
+        runs, "image_auroc", "bottle", detector="padim", strategy="none", pollution_ratio=0.2
+    )
     assert csv.loc["bottle", "padim 20% mean"] == pytest.approx(mean)
     assert csv.loc["bottle", "padim 20% std"] == pytest.approx(std)
     assert f"{100 * mean:.1f} ± {100 * std:.1f}" in paths[1].read_text()
@@ -132,8 +166,13 @@ def test_table2_equals_direct_computation(runs):
         for ratio in (0.0, 0.2, 0.4):
             condition = dict(detector=detector, strategy="sroc", refinement_ratio=ratio)
             for category in CATEGORIES:
-                check_cell(table, category, detector, ratio,
-                           direct(runs, "image_auroc", category, **condition))
+                check_cell(
+                    table,
+                    category,
+                    detector,
+                    ratio,
+                    direct(runs, "image_auroc", category, **condition),
+                )
             for metric in ["au_pro", "precision", "recall", "f1"]:
                 row = tables.METRIC_NAMES[metric]
                 row = row if metric in tables.REFINEMENT_SCORES else f"Mean {row}"
@@ -147,17 +186,40 @@ def test_table4_compares_refiner_with_reference(runs):
     table = tables.table4(runs, refiner="mahalanobis")
     for detector in ["knn", "padim", "patchcore"]:
         for ratio in (0.0, 0.2, 0.4):
-            check_cell(table, "Mean AUROC (mahalanobis)", detector, ratio,
-                       direct(runs, "image_auroc", "mean", detector=detector,
-                              strategy="by_refiner", refinement_ratio=ratio))
-            check_cell(table, "Mean AU-IoU (reference)", detector, ratio,
-                       direct(runs, "au_iou", "mean", detector=detector, strategy="sroc",
-                              refinement_ratio=ratio))
+            check_cell(
+                table,
+                "Mean AUROC (mahalanobis)",
+                detector,
+                ratio,
+                direct(
+                    runs,
+                    "image_auroc",
+                    "mean",
+                    detector=detector,
+                    strategy="by_refiner",
+                    refinement_ratio=ratio,
+                ),
+            )
+            check_cell(
+                table,
+                "Mean AU-IoU (reference)",
+                detector,
+                ratio,
+                direct(
+                    runs,
+                    "au_iou",
+                    "mean",
+                    detector=detector,
+                    strategy="sroc",
+                    refinement_ratio=ratio,
+                ),
+            )
     # The refiner itself has no by_refiner run: its own SROC rows stand in, and the note says so.
     values = table.values()
     pd.testing.assert_series_equal(
         values.loc["Mean AUROC (mahalanobis)", "maha"],
-        values.loc["Mean AUROC (reference)", "maha"], check_names=False,
+        values.loc["Mean AUROC (reference)", "maha"],
+        check_names=False,
     )
     assert "maha" in table.note
 
@@ -202,8 +264,10 @@ def test_claims_equal_direct_paired_differences(runs):
     def seed_means(**conditions):
         chosen = runs
         for column, value in conditions.items():
-            chosen = chosen[np.isclose(chosen[column], value)] if isinstance(value, float) else (
-                chosen[chosen[column] == value]
+            chosen = (
+                chosen[np.isclose(chosen[column], value)]
+                if isinstance(value, float)
+                else (chosen[chosen[column] == value])
             )
         return chosen.groupby(["seed", "category"])["image_auroc"].mean().groupby("seed").mean()
 
@@ -244,8 +308,9 @@ def test_mean_distances_equal_brute_force():
             pairs[kind].append(np.sqrt(((embeddings[i] - embeddings[j]) ** 2).sum()))
     for kind, distances in pairs.items():
         assert got[kind] == pytest.approx(np.mean(distances))
-    assert np.isnan(geometry.mean_distances(embeddings[:3], np.array([1, 0, 0]))[
-        "defective_defective"])
+    assert np.isnan(
+        geometry.mean_distances(embeddings[:3], np.array([1, 0, 0]))["defective_defective"]
+    )
 
 
 def test_variance_change_axes_finds_the_changed_dimensions():
@@ -263,8 +328,9 @@ def write_fake_cache(path, index: pd.DataFrame, features: dict[str, np.ndarray])
         images = h5.create_group("images")
         text = h5py.string_dtype("utf-8")
         for column in ("image_id", "origin", "defect_type", "mask_path", "path"):
-            images.create_dataset(column, data=index[column].astype(str).to_numpy(object),
-                                  dtype=text)
+            images.create_dataset(
+                column, data=index[column].astype(str).to_numpy(object), dtype=text
+            )
         images["label"] = index["label"].to_numpy().astype(np.int8)
         images["height"] = np.full(len(index), 32, np.int32)
         images["width"] = np.full(len(index), 32, np.int32)
@@ -280,13 +346,21 @@ def fake_category(category: str, n_train: int = 30, n_defects: int = 20):
     rows = [("train", "good", 0, i) for i in range(n_train)]
     rows += [("test", "good", 0, i) for i in range(8)]
     rows += [("test", "crack", 1, i) for i in range(n_defects)]
-    index = pd.DataFrame({
-        "image_id": [f"{o}/{t}/{i:03d}" for o, t, _, i in rows], "category": category,
-        "origin": [o for o, _, _, _ in rows], "defect_type": [t for _, t, _, _ in rows],
-        "label": [lab for _, _, lab, _ in rows],
-        "path": [f"/x/{o}/{t}/{i}.png" for o, t, _, i in rows],
-        "mask_path": ["" if lab == 0 else f"/x/m/{i}.png" for _, _, lab, i in rows],
-    }).sort_values("image_id").reset_index(drop=True)
+    index = (
+        pd.DataFrame(
+            {
+                "image_id": [f"{o}/{t}/{i:03d}" for o, t, _, i in rows],
+                "category": category,
+                "origin": [o for o, _, _, _ in rows],
+                "defect_type": [t for _, t, _, _ in rows],
+                "label": [lab for _, _, lab, _ in rows],
+                "path": [f"/x/{o}/{t}/{i}.png" for o, t, _, i in rows],
+                "mask_path": ["" if lab == 0 else f"/x/m/{i}.png" for _, _, lab, i in rows],
+            }
+        )
+        .sort_values("image_id")
+        .reset_index(drop=True)
+    )
     rng = np.random.default_rng(len(category))
     shift = index["label"].to_numpy()[:, None, None, None] * 2.0
     features = {
@@ -318,11 +392,15 @@ def test_training_embeddings_read_the_polluted_training_set(tmp_path):
 
 
 def test_distance_table_averages_seeds_and_categories():
-    records = pd.DataFrame({
-        "category": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1],
-        "healthy_healthy": [1.0, 3.0, 5.0, 9.0], "healthy_defective": [2.0, 2.0, 4.0, 6.0],
-        "defective_defective": [1.0, 1.0, 1.0, np.nan],
-    })
+    records = pd.DataFrame(
+        {
+            "category": ["a", "a", "b", "b"],
+            "seed": [0, 1, 0, 1],
+            "healthy_healthy": [1.0, 3.0, 5.0, 9.0],
+            "healthy_defective": [2.0, 2.0, 4.0, 6.0],
+            "defective_defective": [1.0, 1.0, 1.0, np.nan],
+        }
+    )
     table = geometry.distance_table(records).set_index("category")
     assert table.loc["a", "healthy_healthy mean"] == 2.0
     assert table.loc["mean", "healthy_healthy mean"] == pytest.approx(np.mean([3.0, 6.0]))
@@ -349,8 +427,10 @@ def test_published_numbers_agree_with_each_other():
     table4 = numbers[numbers["table"] == "4"]
     reference = table4[table4["paper_row"].str.endswith("(reference)")]
     table2 = numbers[numbers["table"] == "2"].set_index([*key, "refinement_ratio"])["value"]
-    assert (reference.set_index([*key, "refinement_ratio"])["value"] == table2.loc[
-        reference.set_index([*key, "refinement_ratio"]).index]).all()
+    assert (
+        reference.set_index([*key, "refinement_ratio"])["value"]
+        == table2.loc[reference.set_index([*key, "refinement_ratio"]).index]
+    ).all()
     # Precision = recall at 20 % refinement of a 20 % polluted set (as many removed as injected).
     f1 = cells("2", refinement_ratio=0.2)
     assert (f1.xs("precision", level="metric") == f1.xs("recall", level="metric")).all()
@@ -362,10 +442,15 @@ def test_published_numbers_agree_with_each_other():
 
 def test_comparison_equals_direct_values(runs):
     comparison = paper.compare_with_paper(runs)
-    row = comparison[(comparison["table"] == "1") & (comparison["category"] == "carpet")
-                     & (comparison["detector"] == "knn") & (comparison["pollution_ratio"] == 0.2)]
-    mean, std = direct(runs, "image_auroc", "carpet", detector="knn", strategy="none",
-                       pollution_ratio=0.2)
+    row = comparison[
+        (comparison["table"] == "1")
+        & (comparison["category"] == "carpet")
+        & (comparison["detector"] == "knn")
+        & (comparison["pollution_ratio"] == 0.2)
+    ]
+    mean, std = direct(
+        runs, "image_auroc", "carpet", detector="knn", strategy="none", pollution_ratio=0.2
+    )
     assert row["ours"].item() == pytest.approx(mean)
     assert row["ours_std"].item() == pytest.approx(std)
     assert row["paper"].item() == pytest.approx(0.933)
@@ -373,13 +458,23 @@ def test_comparison_equals_direct_values(runs):
     # Our mean rows average other categories than the paper's 13.
     assert not comparison.loc[comparison["category"] == "mean", "same_categories"].any()
     assert set(comparison["category"]) == {*CATEGORIES, "mean"}
-    refined = comparison[(comparison["table"] == "4") & (comparison["detector"] == "padim")
-                         & (comparison["metric"] == "image_auroc")
-                         & (comparison["refinement_ratio"] == 0.2)]
+    refined = comparison[
+        (comparison["table"] == "4")
+        & (comparison["detector"] == "padim")
+        & (comparison["metric"] == "image_auroc")
+        & (comparison["refinement_ratio"] == 0.2)
+    ]
     assert refined["paper"].item() == pytest.approx(0.953)
-    assert refined["ours"].item() == pytest.approx(direct(
-        runs, "image_auroc", "mean", detector="padim", strategy="by_refiner",
-        refinement_ratio=0.2)[0])
+    assert refined["ours"].item() == pytest.approx(
+        direct(
+            runs,
+            "image_auroc",
+            "mean",
+            detector="padim",
+            strategy="by_refiner",
+            refinement_ratio=0.2,
+        )[0]
+    )
 
 
 def test_every_table_and_figure_is_written(runs, tmp_path):
@@ -390,16 +485,20 @@ def test_every_table_and_figure_is_written(runs, tmp_path):
         written.extend(paths)
         return paths
 
-    for stem, table in [("t1", tables.table1(runs)), ("t2", tables.table2(runs)),
-                        ("t4", tables.table4(runs))]:
+    for stem, table in [
+        ("t1", tables.table1(runs)),
+        ("t2", tables.table2(runs)),
+        ("t4", tables.table4(runs)),
+    ]:
         tables.write_paper_table(table, *out(stem, ["csv", "md", "tex"]))
     for number, metric in [(3, "image_auroc"), (7, "au_iou"), (8, "au_pro")]:
         figures.plot_pollution_curve(runs, metric, out(f"f{number}", ["png", "pdf"]))
     for number, metric in [(4, "image_auroc"), (9, "au_iou"), (10, "au_pro")]:
         figures.plot_refinement_curve(runs, metric, out(f"f{number}", ["png", "pdf"]))
     for number, metric in [(11, "image_auroc"), (12, "au_iou"), (13, "au_pro")]:
-        figures.plot_refinement_curve(runs, metric, out(f"f{number}", ["png", "pdf"]),
-                                      refiner="mahalanobis")
+        figures.plot_refinement_curve(
+            runs, metric, out(f"f{number}", ["png", "pdf"]), refiner="mahalanobis"
+        )
     figures.plot_strategies(runs, "image_auroc", out("f5", ["png", "pdf"]))
     comparison = paper.compare_with_paper(runs)
     paper.plot_comparison(comparison, out("comparison", ["png", "pdf"]))

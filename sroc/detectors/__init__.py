@@ -113,4 +113,3 @@ def estimate_memory_mb(
     ``n_test``, with ``feature_shapes`` {stage: (C, H, W)}; includes the interpreter and the
     float32 features, so the workflow can declare it as mem_mb."""
     return make_detector(name, **dict(params)).estimate_memory_mb(n_train, n_test, feature_shapes)
-

@@ -117,9 +117,10 @@ def leave_one_out_mahalanobis(
     quad_inverse = (projections**2 * inverse_diagonal).sum(-1)  # c^T A^-1 c
     denominator = 1.0 - rank_one * quad_inverse
     sq_distances = (n / m) ** 2 * quad_inverse / denominator
-    precision_offsets = torch.matmul(projections * inverse_diagonal, eigenvectors.mT) * (
-        n / m / denominator
-    )[..., None]
+    precision_offsets = (
+        torch.matmul(projections * inverse_diagonal, eigenvectors.mT)
+        * (n / m / denominator)[..., None]
+    )
     return sq_distances.numpy(), precision_offsets.numpy()
 
 

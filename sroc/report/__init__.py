@@ -19,4 +19,3 @@ def write_table(table: pd.DataFrame, csv_path, markdown_path, float_format: str 
         table.to_csv(tmp, index=False)
     with atomic_path(markdown_path) as tmp:
         tmp.write_text(table.to_markdown(index=False, floatfmt=float_format) + "\n")
-

@@ -118,10 +118,18 @@ def _ellipse(axis, points: np.ndarray, colour, label: str, radii=(1, 2, 3)) -> N
     angle = np.degrees(np.arctan2(vectors[1, -1], vectors[0, -1]))
     for i, radius in enumerate(radii):
         width, height = 2 * radius * np.sqrt(np.maximum(variances[::-1], 0))
-        axis.add_patch(Ellipse(
-            centre, width, height, angle=angle, fill=False, edgecolor=colour, linewidth=1.3,
-            label=label if i == 0 else None,
-        ))
+        axis.add_patch(
+            Ellipse(
+                centre,
+                width,
+                height,
+                angle=angle,
+                fill=False,
+                edgecolor=colour,
+                linewidth=1.3,
+                label=label if i == 0 else None,
+            )
+        )
 
 
 def plot_mvg_contours(
@@ -142,10 +150,12 @@ def plot_mvg_contours(
         defective = np.asarray(defective, dtype=bool)
         dims = variance_change_axes(embeddings[~defective], embeddings)
         plane = embeddings[:, dims]
-        axis.scatter(*plane[~defective].T, s=10, color="tab:green", alpha=0.6,
-                     label="healthy image")
-        axis.scatter(*plane[defective].T, s=14, color="tab:red", marker="x",
-                     label="defective image")
+        axis.scatter(
+            *plane[~defective].T, s=10, color="tab:green", alpha=0.6, label="healthy image"
+        )
+        axis.scatter(
+            *plane[defective].T, s=14, color="tab:red", marker="x", label="defective image"
+        )
         _ellipse(axis, plane[~defective], "tab:green", "Gaussian of the healthy part")
         _ellipse(axis, plane, "tab:red", "Gaussian of the polluted set")
         axis.autoscale_view()

@@ -96,16 +96,26 @@ def plot_pollution_curve(runs: pd.DataFrame, metric: str, paths: Sequence[str], 
     curve = runs[runs["strategy"] == "none"]
     palette = _palette(list(curve["detector"].unique()))
     figure, axis = plt.subplots(figsize=(6, 4))
-    _lines(axis, category_means(curve, metric, ["detector", "pollution_ratio"]),
-           "pollution_ratio", metric, "detector", palette)
+    _lines(
+        axis,
+        category_means(curve, metric, ["detector", "pollution_ratio"]),
+        "pollution_ratio",
+        metric,
+        "detector",
+        palette,
+    )
     axis.set(xlabel=POLLUTION_AXIS, ylabel=AXIS_LABELS[metric], title=title)
     axis.grid(alpha=0.3)
     save_figure(figure, paths)
 
 
 def plot_refinement_curve(
-    runs: pd.DataFrame, metric: str, paths: Sequence[str], strategy: str = "sroc",
-    refiner: str | None = None, title: str = "",
+    runs: pd.DataFrame,
+    metric: str,
+    paths: Sequence[str],
+    strategy: str = "sroc",
+    refiner: str | None = None,
+    title: str = "",
 ):
     """Figures 4, 9, 10 (``strategy`` sroc) and 11-13 (``refiner`` set: every detector fitted
     on the set refined by the refiner's ranking): ``metric`` against the refinement ratio, one
@@ -118,8 +128,14 @@ def plot_refinement_curve(
         raise ValueError(f"no run with strategy {strategy!r} (refiner {refiner!r}) to plot")
     palette = _palette(list(runs.loc[runs["strategy"] != "none", "detector"].unique()))
     figure, axis = plt.subplots(figsize=(6, 4))
-    _lines(axis, category_means(refined, metric, ["detector", "refinement_ratio"]),
-           "refinement_ratio", metric, "detector", palette)
+    _lines(
+        axis,
+        category_means(refined, metric, ["detector", "refinement_ratio"]),
+        "refinement_ratio",
+        metric,
+        "detector",
+        palette,
+    )
     has_oracle = _oracle_lines(axis, runs, metric, palette)
     axis.set(xlabel=REFINEMENT_AXIS, ylabel=AXIS_LABELS[metric], title=title)
     if has_oracle:
@@ -129,7 +145,9 @@ def plot_refinement_curve(
 
 
 def plot_strategies(
-    runs: pd.DataFrame, metric: str, paths: Sequence[str],
+    runs: pd.DataFrame,
+    metric: str,
+    paths: Sequence[str],
     strategies: Sequence[str] = ("sroc", "random", "cross_validation", "stoc"),
 ):
     """Figure 5: one panel per detector, ``metric`` against the refinement ratio for each
@@ -146,13 +164,19 @@ def plot_strategies(
     means = category_means(refined, metric, ["detector", "strategy", "refinement_ratio"])
     means["strategy"] = means["strategy"].map(lambda s: STRATEGY_NAMES.get(s, s))
     for axis, detector in zip(axes.flat, detectors, strict=False):
-        _lines(axis, means[means["detector"] == detector], "refinement_ratio", metric,
-               "strategy", colours)
+        _lines(
+            axis,
+            means[means["detector"] == detector],
+            "refinement_ratio",
+            metric,
+            "strategy",
+            colours,
+        )
         if _oracle_lines(axis, runs[runs["detector"] == detector], metric, {detector: "black"}):
             axis.text(0.01, 0.01, ORACLE_NOTE, transform=axis.transAxes, fontsize=7)
         axis.set(title=detector, xlabel=REFINEMENT_AXIS, ylabel=AXIS_LABELS[metric])
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(detectors):]:
+    for axis in list(axes.flat)[len(detectors) :]:
         axis.set_visible(False)
     figure.tight_layout()
     save_figure(figure, paths)

@@ -85,9 +85,21 @@ def compare_with_paper(
     merged["difference"] = merged["ours"] - merged["paper"]
     merged["same_categories"] = np.where(merged["category"] == MEAN, same_categories, True)
     columns = [
-        "table", "paper_row", "detector", "detector_type", "category", "metric",
-        "pollution_ratio", "refinement_ratio", "paper", "paper_std", "ours", "ours_std",
-        "n_seeds", "difference", "same_categories",
+        "table",
+        "paper_row",
+        "detector",
+        "detector_type",
+        "category",
+        "metric",
+        "pollution_ratio",
+        "refinement_ratio",
+        "paper",
+        "paper_std",
+        "ours",
+        "ours_std",
+        "n_seeds",
+        "difference",
+        "same_categories",
     ]
     return merged[columns].dropna(subset=["ours"]).reset_index(drop=True)
 
@@ -109,8 +121,17 @@ def comparison_markdown(comparison: pd.DataFrame, note: str) -> str:
 
 
 def comparison_latex(comparison: pd.DataFrame, note: str) -> str:
-    columns = ["table", "paper_row", "detector", "pollution_ratio", "refinement_ratio", "paper",
-               "ours", "ours_std", "difference"]
+    columns = [
+        "table",
+        "paper_row",
+        "detector",
+        "pollution_ratio",
+        "refinement_ratio",
+        "paper",
+        "ours",
+        "ours_std",
+        "difference",
+    ]
     return plain_latex(comparison[columns], note)
 
 
@@ -126,7 +147,7 @@ def plot_comparison(comparison: pd.DataFrame, paths: Sequence[str], title: str =
     figure, axes = plt.subplots(
         n_rows, n_columns, figsize=(4.8 * n_columns, 4.3 * n_rows), squeeze=False
     )
-    for axis in axes.flat[len(metrics):]:
+    for axis in axes.flat[len(metrics) :]:
         axis.set_visible(False)
     axes = axes.flat
     shown = comparison.assign(
@@ -135,16 +156,34 @@ def plot_comparison(comparison: pd.DataFrame, paths: Sequence[str], title: str =
     )
     for axis, metric in zip(axes, metrics, strict=False):
         data = shown[shown["metric"] == metric]
-        axis.errorbar(data["paper"], data["ours"], yerr=data["ours_std"].fillna(0), fmt="none",
-                      ecolor="grey", alpha=0.5, linewidth=0.8)
-        sns.scatterplot(data=data, x="paper", y="ours", hue="detector_type", style="table",
-                        size="row", sizes={"one category": 25, "mean over categories": 70},
-                        ax=axis, legend=metric == metrics[0])
+        axis.errorbar(
+            data["paper"],
+            data["ours"],
+            yerr=data["ours_std"].fillna(0),
+            fmt="none",
+            ecolor="grey",
+            alpha=0.5,
+            linewidth=0.8,
+        )
+        sns.scatterplot(
+            data=data,
+            x="paper",
+            y="ours",
+            hue="detector_type",
+            style="table",
+            size="row",
+            sizes={"one category": 25, "mean over categories": 70},
+            ax=axis,
+            legend=metric == metrics[0],
+        )
         low = float(np.nanmin(data[["paper", "ours"]].to_numpy()))
         high = float(np.nanmax(data[["paper", "ours"]].to_numpy()))
         axis.plot([low, high], [low, high], color="black", linewidth=0.8, linestyle=":")
-        axis.set(title=METRIC_NAMES[metric], xlabel="published in the paper",
-                 ylabel="ours (mean over seeds)")
+        axis.set(
+            title=METRIC_NAMES[metric],
+            xlabel="published in the paper",
+            ylabel="ours (mean over seeds)",
+        )
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     figure.suptitle(title)

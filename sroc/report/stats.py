@@ -50,9 +50,9 @@ def _at_ratio(runs: pd.DataFrame, column: str, ratio: float) -> pd.DataFrame:
 def refinement_gains(
     runs: pd.DataFrame, metric: str = "image_auroc", refiner: str = "mahalanobis"
 ) -> pd.DataFrame:
-    """"Refinement helps": per detector and strategy, the metric after removing as many images
-    as were injected (refinement ratio = pollution ratio) minus the unrefined detector's
-    (refinement ratio 0 of the same strategy)."""
+    """The claim "refinement helps": per detector and strategy, the metric after removing as
+    many images as were injected (refinement ratio = pollution ratio) minus the unrefined
+    detector's (refinement ratio 0 of the same strategy)."""
     refined = runs[~runs["strategy"].isin(["none", "oracle", "by_refiner"])]
     by_refiner, own = refiner_runs(runs, refiner)
     by_refiner = by_refiner[~by_refiner["detector"].isin(own)]  # those repeat their sroc rows
@@ -71,8 +71,7 @@ def refinement_gains(
             rows.append(
                 {
                     "claim": "refinement helps",
-                    "comparison": f"{strategy} at {100 * pollution:g}% refinement "
-                    "minus unrefined",
+                    "comparison": f"{strategy} at {100 * pollution:g}% refinement minus unrefined",
                     "detector": detector,
                     "metric": metric,
                     **paired_difference(after.loc[detector], before.loc[detector]),
@@ -91,8 +90,9 @@ def refiner_gains(
     sroc = runs[runs["strategy"] == "sroc"]
     rows = []
     if by_refiner.empty or sroc.empty:
-        return pd.DataFrame(rows, columns=["claim", "comparison", "detector", "metric",
-                                           *STAT_COLUMNS])
+        return pd.DataFrame(
+            rows, columns=["claim", "comparison", "detector", "metric", *STAT_COLUMNS]
+        )
     pollution = float(by_refiner["pollution_ratio"].iloc[0])
     refined = _per_seed(_at_ratio(by_refiner, "refinement_ratio", pollution), metric)
     reference = _per_seed(_at_ratio(sroc, "refinement_ratio", pollution), metric)
@@ -115,8 +115,9 @@ def refiner_gains(
 def robustness_differences(
     runs: pd.DataFrame, metric: str = "image_auroc", low: float = 0.0, high: float | None = None
 ) -> pd.DataFrame:
-    """"Detector A is more robust than B": per pair, A's drop of the metric from ``low`` to
-    ``high`` pollution (default: the highest) minus B's; negative means A loses less."""
+    """The claim "detector A is more robust than B": per pair, A's drop of the metric from
+    ``low`` to ``high`` pollution (default: the highest) minus B's; negative means A loses
+    less."""
     curve = runs[runs["strategy"] == "none"]
     high = float(curve["pollution_ratio"].max()) if high is None else high
     drop = _per_seed(_at_ratio(curve, "pollution_ratio", low), metric) - _per_seed(

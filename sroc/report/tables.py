@@ -32,9 +32,21 @@ CELL_COLUMNS = ["row", "metric", "detector", "ratio", "mean", "std", "n_seeds"]
 
 
 REQUIRED_COLUMNS = [
-    "dataset", "category", "seed", "detector", "detector_type", "strategy", "refiner",
-    "pollution_ratio", "refinement_ratio", "image_auroc", "au_pro", "au_iou", "precision",
-    "recall", "f1",
+    "dataset",
+    "category",
+    "seed",
+    "detector",
+    "detector_type",
+    "strategy",
+    "refiner",
+    "pollution_ratio",
+    "refinement_ratio",
+    "image_auroc",
+    "au_pro",
+    "au_iou",
+    "precision",
+    "recall",
+    "f1",
 ]
 
 
@@ -177,8 +189,12 @@ def _percent(ratio: float) -> str:
 
 def _tex(text: str) -> str:
     return (
-        str(text).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%")
-        .replace("&", r"\&").replace("±", r"$\pm$")
+        str(text)
+        .replace("\\", r"\textbackslash{}")
+        .replace("_", r"\_")
+        .replace("%", r"\%")
+        .replace("&", r"\&")
+        .replace("±", r"$\pm$")
     )
 
 

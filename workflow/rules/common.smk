@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 from sroc.backbones import BackboneConfig  # noqa: E402
 from sroc.data import list_categories  # noqa: E402
 from sroc.detectors import validate_params  # noqa: E402
+from sroc.grid import refinement_settings  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -25,24 +26,7 @@ BACKBONE = BackboneConfig(
 )
 BACKBONE_TAG = BACKBONE.tag()
 DETECTORS = {detector["name"]: detector for detector in config.get("detectors", [])}
-REFINEMENT = {
-    "pollution_ratio": 0.2,
-    "ratios": [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8],
-    "strategies": [
-        "sroc",
-        "random",
-        "cross_validation",
-        "stoc",
-        "oracle",
-        "by_refiner",
-    ],
-    "n_folds": 5,
-    "refiner": "mahalanobis",
-    "refiner_params": {},
-    "iterative_steps": 3,
-    "consensus": ["knn", "mahalanobis", "padim"],
-    **config.get("refinement", {}),
-}
+REFINEMENT = refinement_settings(config)
 # r = 0 is the unrefined model, fitted by the ranking job; every other ratio is a job.
 REFINED_RATIOS = [f"{r:g}" for r in sorted(REFINEMENT["ratios"]) if r > 0]
 RANDOM_STATE = config.get("random_state", 0)
