@@ -50,18 +50,19 @@ def last_value(stdout: str, key: str) -> float:
 
 
 @pytest.mark.parametrize(
-    ("script", "key"),
+    ("script", "key", "floor"),
     [
-        ("metrics.py", "au_pro_speedup"),
-        ("matmul_limit.py", "matmul_limit_gflops"),
-        ("fit_cost.py", "default_grid_minutes"),
-        ("patchcore_settings.py", "quick_min_auroc"),
-        pytest.param("detectors.py", "min_ivf_recall", marks=pytest.mark.slow),
-        pytest.param("embed_throughput.py", "throughput_ratio", marks=pytest.mark.slow),
+        ("metrics.py", "au_pro_speedup", 0),
+        ("matmul_limit.py", "matmul_limit_gflops", 0),
+        ("fit_cost.py", "default_grid_minutes", 0),
+        # The quick data's anomalies are strong: every PatchCore setting must separate them.
+        ("patchcore_settings.py", "quick_min_auroc", 0.9),
+        pytest.param("detectors.py", "min_ivf_recall", 0, marks=pytest.mark.slow),
+        pytest.param("embed_throughput.py", "throughput_ratio", 0, marks=pytest.mark.slow),
     ],
 )
-def test_quick_mode_prints_its_key_figure(script, key):
-    assert last_value(run_quick(script), key) > 0
+def test_quick_mode_prints_its_key_figure(script, key, floor):
+    assert last_value(run_quick(script), key) > floor
 
 
 def test_every_benchmark_has_a_quick_mode_test():

@@ -602,6 +602,28 @@ def test_synthetic_defects_are_visible_to_a_raw_pixel_patch_detector(tmp_path):
             assert auroc > 0.95, (category, defect_type, auroc)
 
 
+def test_synthetic_defect_scale_grows_every_defect_and_leaves_good_images_alone(tmp_path):
+    """At scale 2 each defect's mask covers about 4x the area (the scratch about 2x wider and
+    longer); good images are byte-identical, as are the defaults at scale 1."""
+    options = dict(categories=("dot_texture",), image_size=96, n_train=2, n_test_per_defect=4)
+    plain = make_synthetic_dataset(tmp_path / "plain", **options)
+    assert tree_files(plain) == tree_files(
+        make_synthetic_dataset(tmp_path / "one", defect_scale=1, **options)
+    )
+    larger = make_synthetic_dataset(tmp_path / "larger", defect_scale=2.0, **options)
+    before, after = index_category(plain, "dot_texture"), index_category(larger, "dot_texture")
+    good = before["label"] == 0
+    pairs = zip(before.loc[good, "path"], after.loc[good, "path"], strict=True)
+    assert all((read_image(a) == read_image(b)).all() for a, b in pairs)
+    for defect_type in ("scratch", "spot", "stain"):
+        rows = before["defect_type"] == defect_type
+        areas = [
+            np.mean([read_mask(p).mean() for p in frame.loc[rows, "mask_path"]])
+            for frame in (before, after)
+        ]
+        assert 2.5 < areas[1] / areas[0] < 6, (defect_type, areas)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -610,6 +632,9 @@ def test_synthetic_defects_are_visible_to_a_raw_pixel_patch_detector(tmp_path):
         (dict(image_size=8), "image_size"),
         (dict(categories=("a/b",)), "folder names"),
         (dict(categories=("x", "x")), "distinct"),
+        (dict(defect_scale=0), "defect_scale"),
+        (dict(defect_scale=4.5), "defect_scale"),
+        (dict(defect_scale="2"), "defect_scale"),
     ],
 )
 def test_synthetic_bad_arguments_are_refused(tmp_path, kwargs, message):

@@ -100,11 +100,12 @@ def _contrast_colour(texture: np.ndarray, dark, bright):
     return dark if texture.mean() > 110 else bright
 
 
-def _scratch(rng, texture):
-    """A thin, slightly curved line across about a third of the image."""
+def _scratch(rng, texture, defect_scale):
+    """A thin, slightly curved line across about a third of the image (``defect_scale`` times
+    as wide and, up to 90 % of the image, as long)."""
     size = texture.shape[0]
-    scale = size / 128
-    length = rng.uniform(0.3, 0.45) * size
+    scale = size / 128 * defect_scale
+    length = min(0.9, rng.uniform(0.3, 0.45) * defect_scale) * size
     angle = rng.uniform(0, np.pi)
     direction = np.array([np.cos(angle), np.sin(angle)])
     normal = np.array([-direction[1], direction[0]])
@@ -120,7 +121,7 @@ def _scratch(rng, texture):
 def _blob_alpha(rng, size, radius, edge):
     """A filled blob with a wavy outline; ``edge`` is the width of its soft border in pixels."""
     y, x = np.mgrid[0:size, 0:size] + 0.5
-    margin = radius * 1.4 + 1
+    margin = min(radius * 1.4 + 1, size / 2)  # a blob wider than the image is centred
     cx, cy = rng.uniform(margin, size - margin, 2)
     theta = np.arctan2(y - cy, x - cx)
     phases = rng.uniform(0, 2 * np.pi, 2)
@@ -130,20 +131,23 @@ def _blob_alpha(rng, size, radius, edge):
     return np.clip((outline - np.hypot(x - cx, y - cy)) / edge + 0.5, 0, 1)
 
 
-def _spot(rng, texture):
-    """An opaque, roughly round blob of 10-18 px diameter at 128 px."""
+def _spot(rng, texture, defect_scale):
+    """An opaque, roughly round blob of 10-18 px diameter at 128 px (times ``defect_scale``)."""
     size = texture.shape[0]
-    alpha = _blob_alpha(rng, size, max(2.0, rng.uniform(5, 9) * size / 128), 1.0)
+    radius = max(2.0, rng.uniform(5, 9) * size / 128 * defect_scale)
+    alpha = _blob_alpha(rng, size, radius, 1.0)
     return alpha, _contrast_colour(texture, (70, 40, 20), (235, 215, 140))
 
 
 _STAIN_COLOURS = ((210, 40, 30), (30, 70, 210), (40, 170, 60))
 
 
-def _stain(rng, texture):
-    """A large translucent colour stain: the texture shows through, shifted in hue."""
+def _stain(rng, texture, defect_scale):
+    """A large translucent colour stain: the texture shows through, shifted in hue; 20-30 px
+    across at 128 px (times ``defect_scale``)."""
     size = texture.shape[0]
-    alpha = _blob_alpha(rng, size, max(3.0, rng.uniform(10, 15) * size / 128), 1.5)
+    radius = max(3.0, rng.uniform(10, 15) * size / 128 * defect_scale)
+    alpha = _blob_alpha(rng, size, radius, 1.5)
     # One of the two stain colours farthest from the texture's mean colour, so it always shows.
     mean = texture.reshape(-1, 3).mean(axis=0)
     candidates = sorted(_STAIN_COLOURS, key=lambda c: -np.linalg.norm(np.subtract(c, mean)))
@@ -172,14 +176,14 @@ def _texture_of(category: str):
     return textures[_stable_id(category) % len(textures)]
 
 
-def _synthetic_image(seed, category, role, index, size, palette, defect_type=None):
+def _synthetic_image(seed, category, role, index, size, palette, defect_type, defect_scale):
     rng = np.random.default_rng([seed, _stable_id(category), _stable_id(role), index])
     image = _texture_of(category)(rng, size, palette)
     # Per-image illumination and sensor noise, so that no two good images are identical.
     image = image * (1 + 0.05 * _smooth_noise(rng, size, 2))[:, :, None]
     mask = None
     if defect_type is not None:
-        alpha, colour = SYNTHETIC_DEFECTS[defect_type](rng, image)
+        alpha, colour = SYNTHETIC_DEFECTS[defect_type](rng, image, defect_scale)
         image = _blend(image, colour, alpha)
         mask = alpha >= 0.5 * alpha.max()
     image = image + rng.normal(0.0, 3.0, image.shape)
@@ -200,6 +204,7 @@ def make_synthetic_dataset(
     n_test_good: int = 10,
     n_test_per_defect: int = 8,
     defect_types: Sequence[str] = ("scratch", "spot", "stain"),
+    defect_scale: float = 1.0,
 ) -> Path:
     """Write a seeded synthetic dataset in MVTec AD layout at ``root`` and return it.
 
@@ -207,7 +212,9 @@ def make_synthetic_dataset(
     illumination and noise: ``grid_texture``, ``dot_texture`` and ``stripe_texture`` by name; any
     other name gets one of them chosen by a stable hash of the name. Defect types: ``scratch``
     (thin curved line), ``spot`` (opaque blob) and ``stain`` (translucent colour blob), one per
-    defective image, with its 0/255 mask. The same arguments give byte-identical files.
+    defective image, with its 0/255 mask. ``defect_scale`` multiplies the defects' size: at 1 a
+    spot covers about 1 % of the image, which global average pooling mostly averages away.
+    The same arguments give byte-identical files.
     """
     root = Path(root)
     categories = list(categories)
@@ -232,6 +239,9 @@ def make_synthetic_dataset(
     _check_count("n_train", n_train, 1)
     _check_count("n_test_good", n_test_good, 0)
     _check_count("n_test_per_defect", n_test_per_defect, 1 if defect_types else 0)
+    numeric = isinstance(defect_scale, int | float) and not isinstance(defect_scale, bool)
+    if not numeric or not 0 < defect_scale <= 4:
+        raise DatasetError(f"synthetic defect_scale {defect_scale!r}: give a number in (0, 4].")
     refuse_existing(root)
     with building_directory(root) as building:
         for category in categories:
@@ -242,7 +252,14 @@ def make_synthetic_dataset(
                 for index in range(count):
                     defect = None if folder == GOOD else folder
                     image, mask = _synthetic_image(
-                        seed, category, f"{origin}/{folder}", index, image_size, palette, defect
+                        seed,
+                        category,
+                        f"{origin}/{folder}",
+                        index,
+                        image_size,
+                        palette,
+                        defect,
+                        defect_scale,
                     )
                     name = f"{index:03d}"
                     _save_png(image, building / category / origin / folder / f"{name}.png")

@@ -214,6 +214,8 @@ def all_targets():
     targets += [embedding_cache(c) for c in CATEGORIES]
     if DETECTORS:
         targets += [f"{RESULTS}/runs.parquet", f"{RESULTS}/runs.csv", *report_targets()]
+        # The per-image scores are results too: a deleted one is recomputed.
+        targets += ranked_outputs("scores") + refined_outputs("scores")
     return targets
 
 
