@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from sroc import splits
+from sroc import report, splits
 from sroc.report import embedding_geometry as geometry
-from sroc.report import figures, paper, stats, tables
+from sroc.report import figures, paper, recovery, stats, tables
 
 DETECTORS = {"knn": "knn", "maha": "mahalanobis", "padim": "padim", "patchcore": "patchcore"}
 CATEGORIES = ["carpet", "bottle", "metal_nut"]
@@ -477,6 +477,45 @@ def test_comparison_equals_direct_values(runs):
     )
 
 
+def test_recovery_equals_direct_computation(runs):
+    # A known loss: the clean model 0.3 better than its random value everywhere.
+    clean_rows = (runs["strategy"] == "none") & np.isclose(runs["pollution_ratio"], 0.0)
+    boosted = runs.assign(image_auroc=runs["image_auroc"] + 0.3 * clean_rows)
+    table = recovery.recovery_table(boosted).set_index(["detector", "strategy"])
+    for detector in DETECTORS:
+        clean, _ = direct(boosted, "image_auroc", "mean", detector=detector, strategy="none",
+                          pollution_ratio=0.0)  # fmt: skip
+        polluted, _ = direct(boosted, "image_auroc", "mean", detector=detector, strategy="none",
+                             pollution_ratio=0.2)  # fmt: skip
+        for strategy in ("sroc", "random", "cross_validation", "stoc", "oracle"):
+            refined, _ = direct(boosted, "image_auroc", "mean", detector=detector,
+                                strategy=strategy, refinement_ratio=0.2)  # fmt: skip
+            row = table.loc[(detector, strategy)]
+            assert row["lost"] == pytest.approx(clean - polluted)
+            assert row["recovery"] == pytest.approx((refined - polluted) / (clean - polluted))
+            f1, _ = direct(boosted, "f1", "mean", detector=detector, strategy=strategy,
+                           refinement_ratio=0.2)  # fmt: skip
+            assert row["f1"] == pytest.approx(f1, nan_ok=True)
+    # The refiner's rows are labelled with it; the refiner itself has none.
+    assert ("knn", "by_refiner (mahalanobis)") in table.index
+    assert ("maha", "by_refiner (mahalanobis)") not in table.index
+
+    # The gain's interval is the paired t interval over seeds.
+    def seed_means(frame):
+        return frame.groupby(["seed", "category"])["image_auroc"].mean().groupby("seed").mean()
+
+    knn = boosted[boosted["detector"] == "knn"]
+    gain = seed_means(
+        knn[(knn["strategy"] == "stoc") & np.isclose(knn["refinement_ratio"], 0.2)]
+    ) - seed_means(knn[(knn["strategy"] == "none") & np.isclose(knn["pollution_ratio"], 0.2)])
+    half = scipy_stats.t.ppf(0.975, len(gain) - 1) * gain.std() / np.sqrt(len(gain))
+    assert table.loc[("knn", "stoc"), "gain_ci_low"] == pytest.approx(gain.mean() - half)
+    # Where less than half a point is lost, recovery is left empty rather than a ratio of noise.
+    plain = recovery.recovery_table(runs)
+    assert plain.loc[plain["lost"] < 0.005, "recovery"].isna().all()
+    assert plain.loc[plain["lost"] >= 0.005, "recovery"].notna().all()
+
+
 def test_every_table_and_figure_is_written(runs, tmp_path):
     written = []
 
@@ -491,6 +530,10 @@ def test_every_table_and_figure_is_written(runs, tmp_path):
         ("t4", tables.table4(runs)),
     ]:
         tables.write_paper_table(table, *out(stem, ["csv", "md", "tex"]))
+    table = recovery.recovery_table(runs)
+    csv, markdown, latex = out("recovery", ["csv", "md", "tex"])
+    report.write_table(table, csv, markdown)
+    latex.write_text(tables.plain_latex(table))
     for number, metric in [(3, "image_auroc"), (7, "au_iou"), (8, "au_pro")]:
         figures.plot_pollution_curve(runs, metric, out(f"f{number}", ["png", "pdf"]))
     for number, metric in [(4, "image_auroc"), (9, "au_iou"), (10, "au_pro")]:

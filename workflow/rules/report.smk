@@ -255,3 +255,19 @@ rule paired_statistics:
         refiner=REFINER,
     script:
         "../../scripts/report_paired_statistics.py"
+
+
+rule table_recovery:
+    input:
+        runs=RUNS,
+    output:
+        **paper_table_outputs("recovery", "recovery"),
+    log:
+        f"{LOGS}/report/recovery.log",
+    conda:
+        "../../envs/sroc.yaml"
+    params:
+        metric="image_auroc",
+        min_loss=0.005,
+    script:
+        "../../scripts/report_recovery.py"

@@ -43,6 +43,8 @@ def report_targets():
             f"figure{POLLUTION_FIGURES[metric]}_{metric}_vs_pollution"
         )
     strategies = set(REFINEMENT_STRATEGIES)
+    if strategies:
+        targets += table_files("recovery")
     if "sroc" in strategies:
         targets += table_files("table2_refinement")
         targets += figure_files("figure5_strategies")

@@ -1,0 +1,89 @@
+"""Recovery: the share of what pollution costs that a refinement strategy wins back.
+
+Per detector and strategy, on the metric averaged over categories within each seed (the paper's
+"Mean" row):
+
+- ``clean``: the unrefined detector at pollution 0;
+- ``polluted``: the unrefined detector at the refined pollution ratio p;
+- ``refined``: the strategy at refinement ratio r = p, where it removes as many images as were
+  injected (the oracle removes exactly the injected ones);
+- ``recovery = (refined - polluted) / (clean - polluted)``: 1 wins back everything, 0 nothing,
+  a negative value makes things worse, above 1 beats the clean training set.
+
+Recovery is a ratio of the means over seeds: per-seed ratios explode where a seed loses little.
+It is left empty where the mean loss is below ``min_loss`` (default half a point): the ratio of
+two noises says nothing. ``gain = refined - polluted`` comes with its paired t confidence interval
+over seeds (the same seed gives both the same splits), as the paired statistics do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from sroc.report.stats import paired_difference
+from sroc.report.tables import MEAN, seed_values
+
+RECOVERY_COLUMNS = [
+    "detector", "strategy", "metric", "pollution_ratio", "refinement_ratio", "n_seeds",
+    "clean", "polluted", "refined", "lost", "recovery", "gain_ci_low", "gain_ci_high", "f1",
+]  # fmt: skip
+
+
+def _seed_means(runs: pd.DataFrame, metric: str, by: list[str]) -> pd.Series:
+    values = seed_values(runs, metric, by)
+    return values[values["category"] == MEAN].set_index([*by, "seed"])[metric]
+
+
+def recovery_table(
+    runs: pd.DataFrame, metric: str = "image_auroc", min_loss: float = 0.005
+) -> pd.DataFrame:
+    """One row per (detector, strategy) refined at r = p: see the module docstring."""
+    refined_runs = runs[runs["strategy"] != "none"]
+    if refined_runs.empty:
+        return pd.DataFrame(columns=RECOVERY_COLUMNS)
+    pollution = float(refined_runs["pollution_ratio"].iloc[0])
+    curve = runs[runs["strategy"] == "none"]
+    clean = _seed_means(curve[np.isclose(curve["pollution_ratio"], 0.0)], metric, ["detector"])
+    polluted = _seed_means(
+        curve[np.isclose(curve["pollution_ratio"], pollution)], metric, ["detector"]
+    )
+    at_p = refined_runs[
+        (refined_runs["strategy"] == "oracle")
+        | np.isclose(refined_runs["refinement_ratio"], pollution)
+    ].assign(
+        label=lambda frame: np.where(
+            frame["strategy"] == "by_refiner",
+            "by_refiner (" + frame["refiner"].astype(str) + ")",
+            frame["strategy"],
+        )
+    )
+    refined = _seed_means(at_p, metric, ["detector", "label"])
+    f1 = _seed_means(at_p, "f1", ["detector", "label"]).sort_index()
+    rows = []
+    for (detector, label), values in refined.groupby(level=["detector", "label"], sort=False):
+        if detector not in clean.index or detector not in polluted.index:
+            continue
+        after = values.droplevel(["detector", "label"])
+        before, reference = polluted.loc[detector], clean.loc[detector]
+        lost = reference.mean() - before.mean()
+        gain = paired_difference(after, before)
+        rows.append(
+            {
+                "detector": detector,
+                "strategy": label,
+                "metric": metric,
+                "pollution_ratio": pollution,
+                "refinement_ratio": pollution,
+                "n_seeds": gain["n_seeds"],
+                "clean": reference.mean(),
+                "polluted": before.mean(),
+                "refined": after.mean(),
+                "lost": lost,
+                "recovery": gain["mean_difference"] / lost if lost >= min_loss else np.nan,
+                "gain_ci_low": gain["ci_low"],
+                "gain_ci_high": gain["ci_high"],
+                "f1": f1.loc[(detector, label)].mean(),
+            }
+        )
+    return pd.DataFrame(rows, columns=RECOVERY_COLUMNS)
