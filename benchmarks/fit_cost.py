@@ -25,9 +25,11 @@ It then projects the default grid. Per (category, seed, detector) cell the fits 
 pollution ratio (robustness curve, test scored); one self-score at the refined pollution ratio
 (SROC, reusing that ratio's fit); ``n_folds`` fits on (1 - 1/n_folds) N scoring N/n_folds
 (cross-validation); ``n_folds`` fits on N/n_folds scoring all N (STOC); one oracle fit on the
-non-polluted images; for every refinement ratio r > 0 and every strategy among sroc, random,
-cross_validation, stoc and by_refiner one fit on round((1 - r) N) images scored on the test set;
-and the refiner's own fit and self-score. A fit or scoring of another size than the measured one
+non-polluted images; for every refinement ratio r > 0 and every ranked strategy (all but the
+oracle and sroc_auto) one fit on round((1 - r) N) images scored on the test set; the refiner's
+and the consensus members' own fits and self-scores; and for the strategies beyond the paper
+their own fits (sroc_loo: one leave-one-out model; iterative_sroc: one fit and self-score per
+step; sroc_auto: a leave-one-out model, then a refit, sized as at r = p). A fit or scoring of another size than the measured one
 is scaled by its FLOP count. Test sets get maps only when the dataset has masks. Every job
 (one ``rank`` and one ``refine`` per ratio r > 0 per cell) adds a measured overhead: a fresh
 Python, the imports and the feature load. Jobs run in parallel on ``--cores``: the grid's wall
@@ -421,6 +423,8 @@ def cell_seconds(
         seconds += test_run(n - cell.n_polluted)
     if "sroc_loo" in strategies:
         seconds += cost.fit_s + cost.self_s
+    if "sroc_auto" in strategies:  # a leave-one-out ranking, then a refit, sized here as at p
+        seconds += cost.fit_s + cost.self_s + test_run(n - cell.n_polluted)
     if "iterative_sroc" in strategies:  # at most one fit and self-score per step
         seconds += int(refinement["iterative_steps"]) * (cost.fit_s + cost.self_s)
     refined = [r for r in refinement["ratios"] if r > 0]

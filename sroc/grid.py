@@ -5,8 +5,9 @@ Two kinds of job share the cell's work:
 - :func:`unrefined_runs_and_rankings` fits the detector on the training set of every pollution
   ratio (the robustness curve) and scores the test set. The model fitted at the refined
   pollution ratio is also SROC's scorer. The job then ranks that polluted training set with every
-  configured strategy (SROC, random, cross-validation, STOC, and SROC by the refiner detector),
-  and fits the oracle on its healthy images.
+  configured strategy (SROC, random, cross-validation, STOC, SROC by the refiner detector, and
+  those beyond the paper), fits the oracle on its healthy images, and, for ``sroc_auto``, refits
+  on what remains after removing as many suspects as the self-scores' tail suggests.
 - :func:`refined_runs` removes, for one refinement ratio r, the round(r N) first images of each
   ranking, refits the detector on the rest and scores the test set.
 
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from sroc import refinement, splits
+from sroc.contamination import estimate_contamination
 from sroc.detectors import BaseDetector, make_detector
 from sroc.embeddings import load_features
 from sroc.evaluation import TestEvaluation
@@ -43,7 +45,11 @@ RANKED_STRATEGIES = (
     "sroc", "random", "cross_validation", "stoc", "by_refiner",
     "sroc_loo", "iterative_sroc", "consensus",
 )  # fmt: skip
-STRATEGIES = (*RANKED_STRATEGIES, "oracle")
+# Strategies that make one run per cell, at a refinement ratio of their own: the oracle removes
+# the polluted images; sroc_auto removes as many leave-one-out SROC suspects as
+# sroc.contamination estimates from the self-scores (the ratio chosen from the data).
+SINGLE_RUN_STRATEGIES = ("oracle", "sroc_auto")
+STRATEGIES = (*RANKED_STRATEGIES, *SINGLE_RUN_STRATEGIES)
 # The config's ``refinement:`` section without the keys that it leaves out: the workflow
 # (common.smk) and benchmarks/fit_cost.py read the section through :func:`refinement_settings`.
 REFINEMENT_DEFAULTS = {
@@ -190,6 +196,9 @@ def unrefined_runs_and_rankings(
                      cell, fit)
             )  # fmt: skip
             continue
+        if strategy == "sroc_auto":
+            runs.append(_auto_ratio_run(cell, detector, evaluation, train, refined_ratio))
+            continue
         start = time.perf_counter()
         if strategy == "sroc":
             ranking = refinement.sroc_ranking(features, ids, factory, fitted=scorer)
@@ -246,6 +255,27 @@ def unrefined_runs_and_rankings(
             )
         )
     return runs, rankings
+
+
+def _auto_ratio_run(
+    cell: Cell,
+    detector: DetectorSpec,
+    evaluation: TestEvaluation,
+    train: pd.DataFrame,
+    pollution_ratio: float,
+) -> Run:
+    """sroc_auto: rank by leave-one-out self-scores, remove the share that
+    :func:`sroc.contamination.estimate_contamination` finds in their tail, refit and score."""
+    ids = train["image_id"].to_numpy(dtype=str)
+    ranking = refinement.sroc_ranking(
+        cell.features_of(ids), ids, detector.factory(exclude_self=True)
+    )
+    ratio = estimate_contamination(ranking.scores)
+    removed = ids[ranking.order[: refinement.n_removed(len(ids), ratio)]]
+    kept = train.loc[~train["image_id"].isin(removed), "image_id"]
+    fit = _fit_and_score(detector.factory(), cell.features_of(kept), cell, evaluation)
+    log.info("sroc_auto: estimated contamination %.3f, removed %d images", ratio, len(removed))
+    return _run("sroc_auto", detector.type, pollution_ratio, ratio, train, removed, cell, fit)
 
 
 def refined_runs(

@@ -1,8 +1,9 @@
 """Runs and rankings of the experiment grid, and their storage.
 
 A *run* is one detector fitted on one training set and scored on the test set: the robustness
-curve's runs (strategy ``none``, one per pollution ratio), the oracle, and the refined runs (one
-per strategy and refinement ratio). A *ranking* is a refinement strategy's score for every image
+curve's runs (strategy ``none``, one per pollution ratio), the oracle and ``sroc_auto`` (one per
+cell, at a refinement ratio of their own), and the refined runs (one per strategy and refinement
+ratio). A *ranking* is a refinement strategy's score for every image
 of the polluted training set with the order in which images are removed.
 
 A score file holds the runs of one job: per run the test image ids, their scores and, when the
@@ -72,7 +73,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        if self.strategy in ("none", "oracle"):
+        if self.strategy in ("none", "oracle", "sroc_auto"):  # one run per pollution ratio
             return f"{self.strategy}/p={self.pollution_ratio:g}"
         return f"{self.strategy}/r={self.refinement_ratio:g}"
 

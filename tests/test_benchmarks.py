@@ -136,7 +136,7 @@ def test_grid_projection_counts_every_fit_of_a_cell():
             "ratios": [0.0, 0.25, 0.5],
             "strategies": [
                 "sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner",
-                "sroc_loo", "iterative_sroc", "consensus",
+                "sroc_loo", "iterative_sroc", "consensus", "sroc_auto",
             ],
             "n_folds": 4,
             "iterative_steps": 3,
@@ -168,9 +168,10 @@ def test_grid_projection_counts_every_fit_of_a_cell():
     fit_sizes += [n - n_polluted]  # oracle
     fit_sizes += [n]  # sroc_loo's leave-one-out model
     fit_sizes += [n] * 3  # iterative_sroc, at most one fit per step
+    fit_sizes += [n, n - n_polluted]  # sroc_auto: its leave-one-out model, then its refit
     for ratio in (0.25, 0.5):  # one refit per ranked strategy: all but the oracle
         fit_sizes += [round_half_up((1 - ratio) * n)] * 8
-    self_scores = 1 + 1 + 3  # sroc, sroc_loo, iterative_sroc's steps
+    self_scores = 1 + 1 + 3 + 1  # sroc, sroc_loo, iterative_sroc's steps, sroc_auto
     others_s = (2.0 + 3.0) + (4.0 + 1.0) + (5.0 + 1.0)  # the refiner, the consensus members
     expected = sum(fit_sizes) / n + self_scores * self_s + others_s
     assert seconds == pytest.approx(expected, rel=1e-6)

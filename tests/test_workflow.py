@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from sroc.grid import SINGLE_RUN_STRATEGIES
+
 REPO = Path(__file__).resolve().parents[1]
 MVTEC_CATEGORIES = [
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
@@ -123,11 +125,13 @@ def synthetic_run(tmp_path_factory):
 
 
 def grid_size(config: dict) -> int:
-    """Rows of runs.parquet: per (category, seed, detector) the robustness curve, the oracle,
-    and every ranked strategy at every refinement ratio (r = 0 included)."""
+    """Rows of runs.parquet: per (category, seed, detector) the robustness curve, one run of
+    each single-run strategy (the oracle, sroc_auto), and every ranked strategy at every
+    refinement ratio (r = 0 included)."""
     refinement = config["refinement"]
-    ranked = [s for s in refinement["strategies"] if s != "oracle"]
-    per_cell = len(config["pollution"]["ratios"]) + 1 + len(ranked) * len(refinement["ratios"])
+    ranked = [s for s in refinement["strategies"] if s not in SINGLE_RUN_STRATEGIES]
+    single = len(set(refinement["strategies"]) & set(SINGLE_RUN_STRATEGIES))
+    per_cell = len(config["pollution"]["ratios"]) + single + len(ranked) * len(refinement["ratios"])
     cells = len(config["dataset"]["categories"]) * len(config["pollution"]["seeds"])
     return cells * len(config["detectors"]) * per_cell
 
@@ -158,6 +162,7 @@ def test_end_to_end_grid_fills_every_cell(synthetic_run):
 
 @pytest.mark.slow
 def test_grid_refinement_matches_its_stored_rankings(synthetic_run):
+    from sroc.contamination import tail_cut
     from sroc.metrics import refinement_scores
     from sroc.refinement import n_removed
     from sroc.runs import read_rankings, read_runs
@@ -173,11 +178,19 @@ def test_grid_refinement_matches_its_stored_rankings(synthetic_run):
             & (table["category"] == category)
             & (table["seed"] == seed)
         ]
-        oracle = [run for run in read_runs(path) if run.strategy == "oracle"][0]
+        stored = read_runs(path)
+        oracle = [run for run in stored if run.strategy == "oracle"][0]
         # The oracle keeps exactly the healthy part of the polluted training set.
         assert sorted(oracle.removed_ids) == sorted(oracle.polluted_ids)
         assert len(oracle.training_ids) - len(oracle.removed_ids) == round((1 - p) * 30)
-        for strategy, ranking in read_rankings(path).items():
+        rankings = read_rankings(path)
+        # sroc_auto removes the leave-one-out ranking's first images, as many as lie in the tail
+        # of its self-scores (robust z-score above the threshold).
+        (auto,) = [run for run in stored if run.strategy == "sroc_auto"]
+        loo = rankings["sroc_loo"]
+        count = int(np.sum(loo.scores > tail_cut(loo.scores)))
+        assert sorted(auto.removed_ids) == sorted(loo.image_ids[loo.order[:count]])
+        for strategy, ranking in rankings.items():
             polluted = ranking.image_ids[ranking.polluted]
             for ratio in config["refinement"]["ratios"]:
                 removed = ranking.removed_ids(n_removed(len(ranking.image_ids), ratio))

@@ -37,6 +37,7 @@ STRATEGY_NAMES = {
     "sroc_loo": "SROC, leave-one-out",
     "iterative_sroc": "iterative SROC",
     "consensus": "consensus of detectors",
+    "sroc_auto": "SROC, ratio from the data",
 }
 POLLUTION_AXIS = "pollution of the training set (%)"
 REFINEMENT_AXIS = "share of the training set removed by refinement (%)"

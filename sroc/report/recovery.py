@@ -6,7 +6,8 @@ Per detector and strategy, on the metric averaged over categories within each se
 - ``clean``: the unrefined detector at pollution 0;
 - ``polluted``: the unrefined detector at the refined pollution ratio p;
 - ``refined``: the strategy at refinement ratio r = p, where it removes as many images as were
-  injected (the oracle removes exactly the injected ones);
+  injected (the oracle removes exactly the injected ones; ``sroc_auto`` as many as it estimates,
+  its ``refinement_ratio`` being the mean over seeds and categories of that estimate);
 - ``recovery = (refined - polluted) / (clean - polluted)``: 1 wins back everything, 0 nothing,
   a negative value makes things worse, above 1 beats the clean training set.
 
@@ -49,7 +50,7 @@ def recovery_table(
         curve[np.isclose(curve["pollution_ratio"], pollution)], metric, ["detector"]
     )
     at_p = refined_runs[
-        (refined_runs["strategy"] == "oracle")
+        refined_runs["strategy"].isin(["oracle", "sroc_auto"])
         | np.isclose(refined_runs["refinement_ratio"], pollution)
     ].assign(
         label=lambda frame: np.where(
@@ -60,6 +61,7 @@ def recovery_table(
     )
     refined = _seed_means(at_p, metric, ["detector", "label"])
     f1 = _seed_means(at_p, "f1", ["detector", "label"]).sort_index()
+    ratios = at_p.groupby(["detector", "label"])["refinement_ratio"].mean()
     rows = []
     for (detector, label), values in refined.groupby(level=["detector", "label"], sort=False):
         if detector not in clean.index or detector not in polluted.index:
@@ -74,7 +76,7 @@ def recovery_table(
                 "strategy": label,
                 "metric": metric,
                 "pollution_ratio": pollution,
-                "refinement_ratio": pollution,
+                "refinement_ratio": ratios.loc[(detector, label)],
                 "n_seeds": gain["n_seeds"],
                 "clean": reference.mean(),
                 "polluted": before.mean(),

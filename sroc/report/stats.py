@@ -53,7 +53,7 @@ def refinement_gains(
     """The claim "refinement helps": per detector and strategy, the metric after removing as
     many images as were injected (refinement ratio = pollution ratio) minus the unrefined
     detector's (refinement ratio 0 of the same strategy)."""
-    refined = runs[~runs["strategy"].isin(["none", "oracle", "by_refiner"])]
+    refined = runs[~runs["strategy"].isin(["none", "oracle", "sroc_auto", "by_refiner"])]
     by_refiner, own = refiner_runs(runs, refiner)
     by_refiner = by_refiner[~by_refiner["detector"].isin(own)]  # those repeat their sroc rows
     strategies = [(s, refined[refined["strategy"] == s]) for s in refined["strategy"].unique()]

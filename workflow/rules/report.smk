@@ -211,7 +211,9 @@ rule figure_strategies:
         kind="strategies",
         metric="image_auroc",
         strategies=[
-            s for s in REFINEMENT_STRATEGIES if s not in ("oracle", "by_refiner")
+            s
+            for s in REFINEMENT_STRATEGIES
+            if s not in ("oracle", "sroc_auto", "by_refiner")
         ],
         dataset=DATASET["name"],
     script:
