@@ -29,12 +29,12 @@ non-polluted images; for every refinement ratio r > 0 and every ranked strategy 
 oracle and sroc_auto) one fit on round((1 - r) N) images scored on the test set; the refiner's
 and the consensus members' own fits and self-scores; and for the strategies beyond the paper
 their own fits (sroc_loo: one leave-one-out model; iterative_sroc: one fit and self-score per
-step; sroc_auto: a leave-one-out model, then a refit, sized as at r = p). A fit or scoring of another size than the measured one
-is scaled by its FLOP count. Test sets get maps only when the dataset has masks. Every job
-(one ``rank`` and one ``refine`` per ratio r > 0 per cell) adds a measured overhead: a fresh
-Python, the imports and the feature load. Jobs run in parallel on ``--cores``: the grid's wall
-time is the sum of seconds x threads over the cores. The last line is
-``default_grid_minutes: <x>``.
+step; sroc_auto: a leave-one-out model, then a refit, sized as at r = p). A fit or scoring of
+another size than the measured one is scaled by its FLOP count. Test sets get maps only when the
+dataset has masks. Every job (one ``rank`` and one ``refine`` per ratio r > 0 per cell) adds a
+measured overhead: a fresh Python, the imports and the feature load. Jobs run in parallel on
+``--cores``: the grid's wall time is the sum of seconds x threads over the cores. The last line
+is ``default_grid_minutes: <x>``.
 
 The machine is shared: times are noisy, ratios are measured within one run.
 
@@ -117,9 +117,11 @@ def _grid(shapes: dict) -> tuple[int, int, int]:
 
 
 def _patchcore_bank(detector, shapes: dict, n_fit: float) -> tuple[float, int, float, int]:
-    """(patches, patch dim, memory bank size, coreset projection dim) for ``n_fit`` images."""
-    locations, channels = _grid(shapes)
-    dim = channels if detector.target_dim is None else int(detector.target_dim)
+    """(patches, patch dim, memory bank size, coreset projection dim) for ``n_fit`` images, on
+    the fitted detector's patch grid (``grid_stage`` may be coarser than the finest stage) and
+    patch dimension (after ``layer_dim``, ``target_dim`` or ``projection_dim``)."""
+    locations = math.prod(detector.grid_hw_)
+    dim = int(detector.memory_bank_.shape[1])
     patches = n_fit * locations
     memory = patches
     projection = dim
@@ -148,6 +150,8 @@ def fit_flops(detector_type: str, detector, shapes: dict, n_fit: float) -> float
         dim = channels if detector.n_features is None else int(detector.n_features)
         return locations * (2 * n_fit * dim**2 + dim**3 / 3)
     if detector_type == "patchcore":
+        # The coreset is counted as plain greedy selection (one distance update per pick); the
+        # active-set selection skips most of those, so its share of the limit can exceed 1.
         patches, dim, memory, projection = _patchcore_bank(detector, shapes, n_fit)
         flops = 9 * patches * channels  # 3x3 local aggregation of every patch
         if memory < patches:

@@ -70,6 +70,19 @@ SETTINGS: dict[str, dict] = {
         "coreset_ratio": 0.01,
         "index": "flat",
     },
+    # A stride-32 grid: blocks.4 area-averaged onto blocks.5's grid, 4x fewer patches.
+    "b45_stride32_coreset10_flat": {
+        "stages": ["blocks.4", "blocks.5"],
+        "grid_stage": "blocks.5",
+        "coreset_ratio": 0.1,
+        "index": "flat",
+    },
+    "b45_stride32_coreset1_flat": {
+        "stages": ["blocks.4", "blocks.5"],
+        "grid_stage": "blocks.5",
+        "coreset_ratio": 0.01,
+        "index": "flat",
+    },
 }
 
 

@@ -136,7 +136,7 @@ def test_a_killed_detector_job_is_rerun_and_nothing_partial_is_kept(finished, tm
     process.wait()
     assert not any(path.exists() for path in outputs), "a killed job left its output in place"
     snakemake(run, config, "--unlock", "--cores", "1")
-    resumed = snakemake(run, config, "--cores", "1")
+    resumed = snakemake(run, config, "--cores", "2")  # results do not depend on the cores
     assert "Finished jobid" in resumed.stderr
     assert all(path.exists() for path in outputs)
     assert_same_results(run, workdir)
