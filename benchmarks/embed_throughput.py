@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -35,13 +36,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matmul_limit import measure_limit
 from torch.utils.flop_counter import FlopCounterMode
 
 from sroc.backbones import BackboneConfig, FeatureExtractor, OnnxFeatureRunner, select_runner
 from sroc.data import index_category, read_image
 from sroc.datasets import make_synthetic_dataset
 from sroc.embeddings import build_cache
+
+# The sibling module, also when this file is loaded by path rather than run as a script.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from matmul_limit import measure_limit  # noqa: E402
 
 DEFAULT_DATA = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "magnetic_tile" / "magnetic_tile"

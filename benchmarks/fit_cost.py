@@ -43,8 +43,6 @@ The machine is shared: times are noisy, ratios are measured within one run.
     .venv/bin/python benchmarks/fit_cost.py --quick   # tiny random features, seconds
 """
 
-from __future__ import annotations
-
 import argparse
 import math
 import os
@@ -57,11 +55,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-from matmul_limit import measure_limit
 
 from sroc.detectors import make_detector
 from sroc.grid import RANKED_STRATEGIES, refinement_settings
 from sroc.splits import make_split, n_injected, round_half_up, test_set, training_set
+
+# The sibling module, also when this file is loaded by path rather than run as a script.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from matmul_limit import measure_limit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "config" / "config.yaml"

@@ -12,8 +12,6 @@ its last line is ``matmul_limit_gflops: <x>``.
     .venv/bin/python benchmarks/matmul_limit.py [--threads 2] [--size 2048] [--quick]
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os
