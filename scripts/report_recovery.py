@@ -1,15 +1,25 @@
-"""Rule table_recovery: the share of the metric lost to pollution that each strategy wins back."""
+"""Rule table_recovery: the share of each metric lost to pollution that each strategy wins back,
+as a table and a bar figure."""
+
+import pandas as pd
 
 from sroc import report
 from sroc.io import write_text_atomic
 from sroc.logs import rule_logging
-from sroc.report import placeholders, recovery, tables
+from sroc.report import figures, placeholders, recovery, tables
 
 with rule_logging(snakemake.log[0]):
     runs = tables.read_runs(snakemake.input.runs)
     if runs.empty:
         placeholders.write_placeholders(snakemake.output)
     else:
-        table = recovery.recovery_table(runs, snakemake.params.metric, snakemake.params.min_loss)
+        table = pd.concat(
+            [
+                recovery.recovery_table(runs, metric, snakemake.params.min_loss)
+                for metric in snakemake.params.metrics
+            ],
+            ignore_index=True,
+        )
         report.write_table(table, snakemake.output.csv, snakemake.output.markdown)
         write_text_atomic(snakemake.output.latex, tables.plain_latex(table))
+        figures.plot_recovery(table, [snakemake.output.png, snakemake.output.pdf])

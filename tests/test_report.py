@@ -13,8 +13,8 @@ import pytest
 from scipy import stats as scipy_stats
 
 from sroc import report, splits
+from sroc.report import auto_ratio, figures, paper, recovery, stats, tables
 from sroc.report import embedding_geometry as geometry
-from sroc.report import figures, paper, recovery, stats, tables
 
 DETECTORS = {"knn": "knn", "maha": "mahalanobis", "padim": "padim", "patchcore": "patchcore"}
 CATEGORIES = ["carpet", "bottle", "metal_nut"]
@@ -530,8 +530,13 @@ def test_every_table_and_figure_is_written(runs, tmp_path):
         ("t4", tables.table4(runs)),
     ]:
         tables.write_paper_table(table, *out(stem, ["csv", "md", "tex"]))
-    table = recovery.recovery_table(runs)
+    table = pd.concat([recovery.recovery_table(runs, m) for m in ("image_auroc", "au_pro")])
     csv, markdown, latex = out("recovery", ["csv", "md", "tex"])
+    report.write_table(table, csv, markdown)
+    latex.write_text(tables.plain_latex(table))
+    figures.plot_recovery(table, out("recovery", ["png", "pdf"]))
+    table = auto_ratio.auto_ratio_table(with_auto_ratio(runs))
+    csv, markdown, latex = out("auto_ratio", ["csv", "md", "tex"])
     report.write_table(table, csv, markdown)
     latex.write_text(tables.plain_latex(table))
     for number, metric in [(3, "image_auroc"), (7, "au_iou"), (8, "au_pro")]:
@@ -558,3 +563,49 @@ def test_every_table_and_figure_is_written(runs, tmp_path):
     for path in written:
         assert path.stat().st_size > 500, path
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def with_auto_ratio(runs):
+    """``runs`` plus sroc_loo (SROC's rows, shifted per ratio) and one sroc_auto run per cell
+    with its own estimated ratio and random metrics."""
+    rng = np.random.default_rng(1)
+    loo = runs[runs["strategy"] == "sroc"].assign(strategy="sroc_loo")
+    loo["image_auroc"] += (
+        0.05 * np.sin(10 * loo["refinement_ratio"]) * (loo["refinement_ratio"] > 0)
+    )
+    cells = runs[(runs["strategy"] == "oracle")].copy()
+    auto = cells.assign(
+        strategy="sroc_auto",
+        refiner=cells["detector_type"],
+        refinement_ratio=rng.uniform(0.0, 0.3, len(cells)),
+        image_auroc=rng.uniform(0.6, 1.0, len(cells)),
+    )
+    return pd.concat([runs, loo, auto], ignore_index=True)
+
+
+def test_auto_ratio_against_best_fixed_ratio_equals_direct_computation(runs):
+    extended = with_auto_ratio(runs)
+    table = auto_ratio.auto_ratio_table(extended).set_index("detector")
+    assert set(table.index) == set(DETECTORS)
+    for detector in DETECTORS:
+        row = table.loc[detector]
+        assert row["ranking"] == "sroc_loo"
+        fixed = {
+            r: direct(extended, "image_auroc", "mean", detector=detector, strategy="sroc_loo",
+                      refinement_ratio=r)[0]
+            for r in REFINEMENT_RATIOS
+        }  # fmt: skip
+        best_ratio = max(fixed, key=fixed.get)
+        assert row["best_ratio"] == pytest.approx(best_ratio)
+        assert row["best"] == pytest.approx(fixed[best_ratio])
+        auto, _ = direct(extended, "image_auroc", "mean", detector=detector, strategy="sroc_auto")
+        assert row["auto"] == pytest.approx(auto)
+        assert row["difference"] == pytest.approx(auto - fixed[best_ratio])
+        assert row["unrefined"] == pytest.approx(fixed[0.0])
+        own = extended[(extended["detector"] == detector) & (extended["strategy"] == "sroc_auto")]
+        assert row["auto_ratio"] == pytest.approx(own["refinement_ratio"].mean())
+        assert row["difference_ci_low"] < row["difference"] < row["difference_ci_high"]
+    # Without sroc_loo, sroc_auto is held against SROC; without sroc_auto, there is no row.
+    no_loo = auto_ratio.auto_ratio_table(extended[extended["strategy"] != "sroc_loo"])
+    assert set(no_loo["ranking"]) == {"sroc"}
+    assert auto_ratio.auto_ratio_table(runs).empty

@@ -181,3 +181,49 @@ def plot_strategies(
         axis.set_visible(False)
     figure.tight_layout()
     save_figure(figure, paths)
+
+
+def plot_recovery(table: pd.DataFrame, paths: Sequence[str]):
+    """The recovery table as bars: one panel per metric, one group per strategy, one bar per
+    detector; the whisker is the gain's paired interval divided by the loss. Where the loss is
+    below the table's ``min_loss`` the recovery is empty and no bar is drawn."""
+    metrics = list(dict.fromkeys(table["metric"]))
+    detectors = list(dict.fromkeys(table["detector"]))
+    colours = _palette(detectors)
+    figure, axes = plt.subplots(
+        1, max(1, len(metrics)), figsize=(1.2 + 0.9 * table["strategy"].nunique(), 4.2),
+        squeeze=False,
+    )  # fmt: skip
+    for axis, metric in zip(axes.flat, metrics, strict=False):
+        rows = table[table["metric"] == metric]
+        strategies = list(dict.fromkeys(rows["strategy"]))
+        width = 0.8 / len(detectors)
+        for offset, detector in enumerate(detectors):
+            own = rows[rows["detector"] == detector].set_index("strategy").reindex(strategies)
+            recovery = 100 * own["recovery"].to_numpy(dtype=float)
+            low = 100 * (own["gain_ci_low"] / own["lost"]).to_numpy(dtype=float)
+            high = 100 * (own["gain_ci_high"] / own["lost"]).to_numpy(dtype=float)
+            shown = np.isfinite(recovery)
+            x = np.arange(len(strategies)) + (offset - (len(detectors) - 1) / 2) * width
+            axis.bar(x, np.where(shown, recovery, 0.0), width, color=colours[detector],
+                     label=detector)  # fmt: skip
+            whiskers = shown & np.isfinite(low) & np.isfinite(high)
+            axis.errorbar(
+                x[whiskers], recovery[whiskers],
+                yerr=[recovery[whiskers] - low[whiskers], high[whiskers] - recovery[whiskers]],
+                fmt="none", ecolor="black", elinewidth=0.8, capsize=2,
+            )  # fmt: skip
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+        axis.set_xticks(np.arange(len(strategies)))
+        axis.set_xticklabels(
+            [STRATEGY_NAMES.get(s, s) for s in strategies], rotation=35, ha="right", fontsize=8
+        )
+        axis.set(
+            title=f"{AXIS_LABELS.get(metric, metric).split(' (')[0]} lost to pollution",
+            ylabel="recovered at r = p (%)",
+        )
+        axis.grid(alpha=0.3, axis="y")
+    axes.flat[0].legend(fontsize=8)
+    figure.tight_layout()
+    save_figure(figure, paths)

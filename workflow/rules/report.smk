@@ -264,12 +264,33 @@ rule table_recovery:
         runs=RUNS,
     output:
         **paper_table_outputs("recovery", "recovery"),
+        png=report(
+            f"{FIGURES}/recovery.png",
+            caption="../report/recovery_figure.rst",
+            category="Refinement",
+        ),
+        pdf=f"{FIGURES}/recovery.pdf",
     log:
         f"{LOGS}/report/recovery.log",
     conda:
         "../../envs/sroc.yaml"
     params:
-        metric="image_auroc",
+        metrics=[m for m in REPORT_METRICS.values() if m != "au_iou"],
         min_loss=0.005,
     script:
         "../../scripts/report_recovery.py"
+
+
+rule table_auto_ratio:
+    input:
+        runs=RUNS,
+    output:
+        **paper_table_outputs("auto_ratio", "auto_ratio"),
+    log:
+        f"{LOGS}/report/auto_ratio.log",
+    conda:
+        "../../envs/sroc.yaml"
+    params:
+        metric="image_auroc",
+    script:
+        "../../scripts/report_auto_ratio.py"

@@ -44,7 +44,9 @@ def report_targets():
         )
     strategies = set(REFINEMENT_STRATEGIES)
     if strategies:
-        targets += table_files("recovery")
+        targets += table_files("recovery") + figure_files("recovery")
+    if "sroc_auto" in strategies:
+        targets += table_files("auto_ratio")
     if "sroc" in strategies:
         targets += table_files("table2_refinement")
         targets += figure_files("figure5_strategies")

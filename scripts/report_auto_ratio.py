@@ -1,0 +1,16 @@
+"""Rule table_auto_ratio: sroc_auto against the best fixed refinement ratio chosen with
+hindsight."""
+
+from sroc import report
+from sroc.io import write_text_atomic
+from sroc.logs import rule_logging
+from sroc.report import auto_ratio, placeholders, tables
+
+with rule_logging(snakemake.log[0]):
+    runs = tables.read_runs(snakemake.input.runs)
+    if runs.empty:
+        placeholders.write_placeholders(snakemake.output)
+    else:
+        table = auto_ratio.auto_ratio_table(runs, snakemake.params.metric)
+        report.write_table(table, snakemake.output.csv, snakemake.output.markdown)
+        write_text_atomic(snakemake.output.latex, tables.plain_latex(table))
