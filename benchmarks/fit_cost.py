@@ -25,16 +25,17 @@ It then projects the default grid. Per (category, seed, detector) cell the fits 
 pollution ratio (robustness curve, test scored); one self-score at the refined pollution ratio
 (SROC, reusing that ratio's fit); ``n_folds`` fits on (1 - 1/n_folds) N scoring N/n_folds
 (cross-validation); ``n_folds`` fits on N/n_folds scoring all N (STOC); one oracle fit on the
-non-polluted images; for every refinement ratio r > 0 and every ranked strategy (all but the
-oracle and sroc_auto) one fit on round((1 - r) N) images scored on the test set; the refiner's
-and the consensus members' own fits and self-scores; and for the strategies beyond the paper
-their own fits (sroc_loo: one leave-one-out model; iterative_sroc: one fit and self-score per
-step; sroc_auto: a leave-one-out model, then a refit, sized as at r = p). A fit or scoring of
-another size than the measured one is scaled by its FLOP count. Test sets get maps only when the
-dataset has masks. Every job (one ``rank`` and one ``refine`` per ratio r > 0 per cell) adds a
-measured overhead: a fresh Python, the imports and the feature load. Jobs run in parallel on
-``--cores``: the grid's wall time is the sum of seconds x threads over the cores. The last line
-is ``default_grid_minutes: <x>``.
+non-polluted images; for every refinement ratio r > 0 and every ranked strategy (all but the oracle
+and sroc_auto) one fit on round((1 - r) N) images scored on the test set; the refiner's and the
+consensus members' own fits and self-scores; and for the strategies beyond the paper their own fits
+(sroc_loo and, for PatchCore only, patch_sroc: one leave-one-out model, and patch_sroc's refits,
+which keep N images less r of the patches, are sized as round((1 - r) N) images; iterative_sroc: one
+fit and self-score per step; sroc_auto: a leave-one-out model, then a refit, sized as at r = p). A
+fit or scoring of another size than the measured one is scaled by its FLOP count. Test sets get maps
+only when the dataset has masks. Every job (one ``rank`` and one ``refine`` per ratio r > 0 per
+cell) adds a measured overhead: a fresh Python, the imports and the feature load. Jobs run in
+parallel on ``--cores``: the grid's wall time is the sum of seconds x threads over the cores. The
+last line is ``default_grid_minutes: <x>``.
 
 The machine is shared: times are noisy, ratios are measured within one run.
 
@@ -57,7 +58,7 @@ import pandas as pd
 import yaml
 
 from sroc.detectors import make_detector
-from sroc.grid import RANKED_STRATEGIES, refinement_settings
+from sroc.grid import RANKED_STRATEGIES, refinement_settings, strategies_for
 from sroc.splits import make_split, n_injected, round_half_up, test_set, training_set
 
 # The sibling module, also when this file is loaded by path rather than run as a script.
@@ -395,7 +396,7 @@ def cell_seconds(
     ``others`` holds the costs of the detectors that rank for another: the refiner
     (``by_refiner``) and the consensus members (``consensus``)."""
     refinement = refinement_settings(config)
-    strategies = set(refinement["strategies"])
+    strategies = set(strategies_for(spec.type, refinement["strategies"]))
     folds = int(refinement["n_folds"])
     shapes = {s: a.shape[1:] for s, a in cell.train.items()}
     n = len(next(iter(cell.train.values())))
@@ -427,6 +428,8 @@ def cell_seconds(
     if "oracle" in strategies:
         seconds += test_run(n - cell.n_polluted)
     if "sroc_loo" in strategies:
+        seconds += cost.fit_s + cost.self_s
+    if "patch_sroc" in strategies:  # PatchCore only: a leave-one-image-out model and its maps
         seconds += cost.fit_s + cost.self_s
     if "sroc_auto" in strategies:  # a leave-one-out ranking, then a refit, sized here as at p
         seconds += cost.fit_s + cost.self_s + test_run(n - cell.n_polluted)

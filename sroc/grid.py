@@ -9,7 +9,8 @@ Two kinds of job share the cell's work:
   those beyond the paper), fits the oracle on its healthy images, and, for ``sroc_auto``, refits
   on what remains after removing as many suspects as the self-scores' tail suggests.
 - :func:`refined_runs` removes, for one refinement ratio r, the round(r N) first images of each
-  ranking, refits the detector on the rest and scores the test set.
+  ranking (for ``patch_sroc``, the round(r P) highest of the P training patches from PatchCore's
+  memory bank), refits the detector on the rest and scores the test set.
 
 A ranking is computed once and serves every refinement ratio; adding a ratio adds jobs of the
 second kind only.
@@ -43,8 +44,12 @@ log = logging.getLogger(__name__)
 # the consensus of several detectors' leave-one-out rankings.
 RANKED_STRATEGIES = (
     "sroc", "random", "cross_validation", "stoc", "by_refiner",
-    "sroc_loo", "iterative_sroc", "consensus",
+    "sroc_loo", "iterative_sroc", "consensus", "patch_sroc",
 )  # fmt: skip
+# Strategies that refine a detector's patch memory bank rather than its training images, with
+# the detector types that have one: the workflow runs them for those detectors only
+# (:func:`strategies_for`).
+PATCH_STRATEGIES = {"patch_sroc": ("patchcore",)}
 # Strategies that make one run per cell, at a refinement ratio of their own: the oracle removes
 # the polluted images; sroc_auto removes as many leave-one-out SROC suspects as
 # sroc.contamination estimates from the self-scores (the ratio chosen from the data).
@@ -62,6 +67,12 @@ REFINEMENT_DEFAULTS = {
     "iterative_steps": 3,
     "consensus": ["knn", "mahalanobis", "padim"],
 }
+
+
+def strategies_for(detector_type: str, strategies: Sequence[str]) -> list[str]:
+    """The configured ``strategies`` that apply to ``detector_type``: all but the patch-level
+    ones (:data:`PATCH_STRATEGIES`) of detectors without a patch memory bank."""
+    return [s for s in strategies if detector_type in PATCH_STRATEGIES.get(s, (detector_type,))]
 
 
 def refinement_settings(config: Mapping) -> dict:
@@ -166,6 +177,13 @@ def unrefined_runs_and_rankings(
     and the oracle (see the module docstring). ``iterative_steps`` and ``consensus`` (the
     detectors whose leave-one-out rankings are averaged) serve the strategies of those names."""
     factory = detector.factory()
+    unfit = sorted(set(strategies) - set(strategies_for(detector.type, strategies)))
+    if unfit:
+        raise ValueError(
+            f"strategy {unfit[0]!r} refines a patch memory bank, which detector type "
+            f"{detector.type!r} has not: it runs for {PATCH_STRATEGIES[unfit[0]]} only. Leave it "
+            "out for this detector (the workflow does so with sroc.grid.strategies_for)"
+        )
     runs, scorer = [], None
     ratios = set(map(float, pollution_ratios))
     if strategies:
@@ -218,6 +236,11 @@ def unrefined_runs_and_rankings(
         elif strategy == "sroc_loo":
             ranking = refinement.sroc_ranking(features, ids, detector.factory(exclude_self=True))
             ranked_by = detector.type
+        elif strategy == "patch_sroc":
+            ranking = refinement.patch_sroc_ranking(
+                features, ids, detector.factory(exclude_self=True)
+            )
+            ranked_by = detector.type
         elif strategy == "iterative_sroc":
             ranking = refinement.iterative_sroc_ranking(
                 features, ids, factory, refined_ratio, iterative_steps
@@ -252,6 +275,7 @@ def unrefined_runs_and_rankings(
                     "fit_seconds": ranking.fit_seconds,
                     "score_seconds": ranking.score_seconds,
                 },
+                patch_scores=ranking.patch_scores,
             )
         )
     return runs, rankings
@@ -286,7 +310,9 @@ def refined_runs(
     ratio: float,
 ) -> list[Run]:
     """For every ranking, refit on the polluted training set less its round(ratio N) first
-    images and score the test set."""
+    images and score the test set; for a patch-level ranking (``patch_sroc``), refit on every
+    training patch but the round(ratio P) highest of its P patch scores. Such a run's removed
+    images are those that lost at least one patch."""
     factory = detector.factory()
     runs = []
     for strategy, ranking in rankings.items():
@@ -297,9 +323,21 @@ def refined_runs(
                 f"the {strategy} ranking was computed on another training set than this split's "
                 f"at pollution {pollution_ratio:g}: rerun the ranking job"
             )
-        removed = ranking.removed_ids(refinement.n_removed(len(train), ratio))
-        kept = np.setdiff1d(ranking.image_ids, removed)
-        fit = _fit_and_score(factory, cell.features_of(kept), cell, evaluation)
+        if ranking.patch_scores is not None:
+            rows = refinement.removed_patches(ranking.patch_scores, ranking.image_ids, ratio)
+            touched = refinement.images_of_patches(rows, ranking.patch_scores.shape)
+            removed = ranking.image_ids[touched]
+            patch_factory = detector.factory(excluded_patches=rows)
+            fit = _fit_and_score(patch_factory, cell.features_of(ranking.image_ids), cell,
+                                 evaluation)  # fmt: skip
+            log.info(
+                "%s at r=%g: removed %d of %d patches, from %d images",
+                strategy, ratio, len(rows), ranking.patch_scores.size, len(removed),
+            )  # fmt: skip
+        else:
+            removed = ranking.removed_ids(refinement.n_removed(len(train), ratio))
+            kept = np.setdiff1d(ranking.image_ids, removed)
+            fit = _fit_and_score(factory, cell.features_of(kept), cell, evaluation)
         run = _run(strategy, ranking.refiner, pollution_ratio, ratio, train, removed, cell, fit)
         log.info(
             "%s at r=%g: removed %d (%d polluted), fit in %.2f s, scored in %.2f s",

@@ -16,6 +16,10 @@ Strategies (sections 3.2 and 4.5 of the SROC paper, and extensions):
   iterated since the features are frozen).
 - ``iterative_sroc``: SROC repeated: remove part of the target, refit on what remains, re-score.
 - ``consensus``: average of the rank positions of several rankings (e.g. several detectors').
+- ``patch_sroc`` (PatchCore only): rank the training *patches* by their leave-one-image-out
+  scores and remove the highest patches from the memory bank rather than whole images, so the
+  healthy parts of a defective image stay. Its ranking also carries the patch scores; the images
+  are ranked by their highest patch score (the ``sroc_loo`` ranking of PatchCore).
 
 A *detector factory* is a zero-argument callable returning a fresh, unfitted detector
 (``sroc.detectors``); rankings only need image scores, so detectors score with ``maps=False``.
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sroc.detectors import BaseDetector
+from sroc.detectors import BaseDetector, PatchCoreDetector
 from sroc.splits import round_half_up
 
 DetectorFactory = Callable[[], BaseDetector]
@@ -42,7 +46,8 @@ Features = Mapping[str, np.ndarray]
 class Ranking:
     """Scores (N,) float64, higher = more anomalous, and the removal order (N,) int64: positions
     into the training set, most anomalous first. ``n_fits`` detectors were fitted, taking
-    ``fit_seconds`` in all; scoring took ``score_seconds``."""
+    ``fit_seconds`` in all; scoring took ``score_seconds``. Patch-level strategies also give
+    ``patch_scores`` (N, H, W) float32, every training patch's score on the detector's grid."""
 
     strategy: str
     scores: np.ndarray
@@ -50,6 +55,7 @@ class Ranking:
     n_fits: int
     fit_seconds: float
     score_seconds: float
+    patch_scores: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.scores)
@@ -60,6 +66,13 @@ class Ranking:
             )
         if not np.array_equal(np.sort(self.order), np.arange(n)):
             raise ValueError(f"ranking {self.strategy!r}: order is not a permutation of 0..{n - 1}")
+        if self.patch_scores is not None and (
+            self.patch_scores.ndim != 3 or len(self.patch_scores) != n
+        ):
+            raise ValueError(
+                f"ranking {self.strategy!r}: patch_scores {self.patch_scores.shape} must have "
+                f"shape (N, H, W) with N = {n}"
+            )
 
 
 def n_removed(n_train: int, ratio: float) -> int:
@@ -138,6 +151,80 @@ def sroc_ranking(
     return Ranking(
         "sroc", scores, removal_order(scores, image_ids), n_fits, fit_seconds, score_seconds
     )
+
+
+def patch_sroc_ranking(
+    features: Features, image_ids: Sequence[str], factory: DetectorFactory
+) -> Ranking:
+    """Patch-level SROC (PatchCore only): every training patch scored leave-one-image-out.
+
+    ``factory`` must make a :class:`~sroc.detectors.PatchCoreDetector` with
+    ``exclude_self=True``: it is fitted on all N images and scores the same N, each image's
+    patches searched among the other images' memory patches. The ranking's ``patch_scores`` are
+    those patch scores (N, H, W); its image scores, each image's highest patch score, order the
+    images as ``sroc_loo`` does (they are the same numbers). :func:`removed_patches` gives the
+    patches a refinement ratio removes; a detector fitted with
+    ``excluded_patches=removed_patches(...)`` keeps every other patch.
+    """
+    n = len(_check_inputs(features, image_ids))
+    detector = factory()
+    if not isinstance(detector, PatchCoreDetector) or not detector.exclude_self:
+        raise ValueError(
+            f"patch_sroc ranks the patches of a PatchCore memory bank: the factory must make a "
+            f"PatchCoreDetector with exclude_self=True, got {detector!r}"
+        )
+    start = time.perf_counter()
+    detector.fit(features)
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    scores, maps = detector.score(features, maps=True)
+    score_seconds = time.perf_counter() - start
+    if len(scores) != n:
+        raise ValueError(f"the detector scored {len(scores)} images, not the {n} given")
+    return Ranking(
+        "patch_sroc",
+        np.asarray(scores, dtype=np.float64),
+        removal_order(scores, image_ids),
+        1,
+        fit_seconds,
+        score_seconds,
+        patch_scores=np.asarray(maps, dtype=np.float32),
+    )
+
+
+def patch_removal_order(patch_scores: np.ndarray, image_ids: Sequence[str]) -> np.ndarray:
+    """Rows of the image-major patch bank (image i, location l: row ``i * H * W + l``) sorted by
+    patch score descending, ties broken by image id ascending, then by location (int64)."""
+    patch_scores = np.asarray(patch_scores)
+    if patch_scores.ndim != 3:
+        raise ValueError(f"patch_scores must have shape (N, H, W), got {patch_scores.shape}")
+    n, height, width = patch_scores.shape
+    ids = _check_ids(image_ids, n)
+    flat = patch_scores.reshape(-1).astype(np.float64)
+    if not np.isfinite(flat).all():
+        raise ValueError("patch scores must be finite")
+    id_rank = np.empty(n, dtype=np.int64)
+    id_rank[np.argsort(ids, kind="stable")] = np.arange(n)
+    locations = height * width
+    rows = np.arange(n * locations)
+    # lexsort sorts by its last key first.
+    return np.lexsort((rows % locations, id_rank[rows // locations], -flat)).astype(np.int64)
+
+
+def removed_patches(patch_scores: np.ndarray, image_ids: Sequence[str], ratio: float) -> np.ndarray:
+    """Rows of the patch bank removed at ``ratio``: the ``n_removed(N * H * W, ratio)`` highest
+    patch scores (round half up, as for images), in removal order."""
+    order = patch_removal_order(patch_scores, image_ids)
+    return order[: n_removed(len(order), ratio)]
+
+
+def images_of_patches(rows: np.ndarray, patch_scores_shape: Sequence[int]) -> np.ndarray:
+    """Positions of the images that ``rows`` of the patch bank belong to, each once, in the order
+    of their first row (for removal-ordered rows: the order the images were first touched)."""
+    _, height, width = patch_scores_shape
+    images = np.asarray(rows, dtype=np.int64) // (height * width)
+    _, first = np.unique(images, return_index=True)
+    return images[np.sort(first)]
 
 
 def random_ranking(image_ids: Sequence[str], rng_seed: int) -> Ranking:

@@ -9,7 +9,8 @@ of the polluted training set with the order in which images are removed.
 A score file holds the runs of one job: per run the test image ids, their scores and, when the
 dataset has masks, their anomaly maps (float16) on the detector's grid, with the training-set
 composition and timings as attributes; per ranking the training image ids, their scores, the
-removal order and which images were polluted. Every metric, and refinement precision / recall /
+removal order and which images were polluted (a patch-level ranking also every training patch's
+score). Every metric, and refinement precision / recall /
 F1 at any ratio, can be recomputed from these files without refitting.
 """
 
@@ -104,7 +105,8 @@ class Run:
 
 @dataclass
 class StoredRanking:
-    """A strategy's ranking of the polluted training set, as stored."""
+    """A strategy's ranking of the polluted training set, as stored; a patch-level strategy's
+    also holds every training patch's score, ``patch_scores`` (N, H, W) float32."""
 
     strategy: str
     refiner: str
@@ -113,6 +115,7 @@ class StoredRanking:
     order: np.ndarray
     polluted: np.ndarray
     attrs: dict = field(default_factory=dict)
+    patch_scores: np.ndarray | None = None
 
     def removed_ids(self, n_removed: int) -> np.ndarray:
         return self.image_ids[self.order[:n_removed]]
@@ -162,6 +165,12 @@ def write_scores(
             group.create_dataset("score", data=np.asarray(ranking.scores, dtype=np.float64))
             group.create_dataset("order", data=np.asarray(ranking.order, dtype=np.int64))
             group.create_dataset("polluted", data=np.asarray(ranking.polluted, dtype=bool))
+            if ranking.patch_scores is not None:
+                # float32, as computed: the removed patches are recomputed exactly from them.
+                group.create_dataset(
+                    "patch_score", data=np.asarray(ranking.patch_scores, dtype=np.float32),
+                    compression="gzip", shuffle=True,
+                )  # fmt: skip
             group.attrs.update({"refiner": ranking.refiner, **ranking.attrs})
 
 
@@ -177,6 +186,7 @@ def read_rankings(path: str | Path) -> dict[str, StoredRanking]:
                 order=group["order"][...],
                 polluted=group["polluted"][...],
                 attrs={k: v for k, v in group.attrs.items() if k != "refiner"},
+                patch_scores=group["patch_score"][...] if "patch_score" in group else None,
             )
             for strategy, group in source.get("rankings", {}).items()
         }

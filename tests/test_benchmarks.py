@@ -137,6 +137,7 @@ def test_grid_projection_counts_every_fit_of_a_cell():
             "strategies": [
                 "sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner",
                 "sroc_loo", "iterative_sroc", "consensus", "sroc_auto",
+                "patch_sroc",  # PatchCore only: no fit for this KNN cell
             ],
             "n_folds": 4,
             "iterative_steps": 3,

@@ -246,3 +246,103 @@ def test_patchcore_results_do_not_depend_on_the_thread_count(n_train, params):
     runs = [detector.score(bigger_test) for detector in fitted]
     assert np.array_equal(runs[0][0], runs[1][0])
     assert np.array_equal(runs[0][1], runs[1][1])
+
+
+# -- patch-level refinement: excluded_patches ---------------------------------------------------
+
+
+def some_patches(seed: int, n_images: int = 12, share: float = 0.3) -> np.ndarray:
+    """A seeded random share of the full bank's rows, plus every patch of images 2 and 7."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(n_images * 64, size=int(share * n_images * 64), replace=False)
+    whole = np.concatenate([np.arange(2 * 64, 3 * 64), np.arange(7 * 64, 8 * 64)])
+    return np.union1d(rows, whole)
+
+
+@pytest.mark.parametrize("coreset_ratio", [None, 0.25])
+def test_patch_level_bank_never_holds_a_removed_patch(train, coreset_ratio):
+    removed = some_patches(seed=9)
+    detector = PatchCoreDetector(
+        index="flat", coreset_ratio=coreset_ratio, coreset_projection_dim=8,
+        excluded_patches=removed,
+    ).fit(train)  # fmt: skip
+    # Brute force: the patch feature of every (image, location) pair, image-major.
+    patches = ref_patchcore_features(train, 3, None)
+    pairs = [(i, loc) for i in range(12) for loc in range(64)]
+    kept_pairs = [pair for row, pair in enumerate(pairs) if row not in set(removed.tolist())]
+    memory = detector.memory_indices_
+    assert not set(memory.tolist()) & set(removed.tolist())
+    if coreset_ratio is None:
+        assert [pairs[row] for row in memory] == kept_pairs
+    else:
+        assert len(memory) == math.ceil(coreset_ratio * len(kept_pairs))
+        assert set(pairs[row] for row in memory) <= set(kept_pairs)
+    # Every memory patch is the feature of a kept pair, and every removed feature is absent.
+    expected = np.array([patches[pairs[row]] for row in memory])
+    assert_close(detector.memory_bank_, expected)
+    removed_features = np.array([patches[pairs[row]] for row in removed])
+    assert pairwise(removed_features, detector.memory_bank_).min() > 1e-3
+
+
+def test_patch_level_coreset_selects_among_the_remaining_patches(train):
+    removed = some_patches(seed=10)
+    params = {"index": "flat", "coreset_ratio": 0.25, "coreset_projection_dim": None}
+    detector = PatchCoreDetector(excluded_patches=removed, **params).fit(train)
+    remaining = np.setdiff1d(np.arange(12 * 64), removed)
+    bank = ref_patchcore_features(train, 3, None).reshape(-1, 28)[remaining]
+    # The same seeded start points, drawn among the remaining patches.
+    rng = np.random.default_rng(0)
+    starts = rng.choice(len(remaining), size=10, replace=False)
+    selected = greedy_coreset_indices(bank, math.ceil(0.25 * len(remaining)), starts)
+    assert np.array_equal(detector.memory_indices_, remaining[selected])
+
+
+@pytest.mark.parametrize("index", ["flat", "ivfflat"])
+def test_no_removed_patch_fits_as_the_plain_detector(train, test, index):
+    plain = PatchCoreDetector(index=index, n_lists=4, coreset_ratio=0.5).fit(train)
+    for removed in (None, [], np.array([], dtype=np.int64)):
+        refined = PatchCoreDetector(
+            index=index, n_lists=4, coreset_ratio=0.5, excluded_patches=removed
+        ).fit(train)
+        assert np.array_equal(refined.memory_indices_, plain.memory_indices_)
+        for a, b in zip(refined.score(test), plain.score(test), strict=True):
+            assert np.array_equal(a, b)
+
+
+def test_removing_whole_images_equals_fitting_without_them(train, test):
+    gone = [2, 7, 8]
+    rows = np.concatenate([np.arange(i * 64, (i + 1) * 64) for i in gone])
+    refined = PatchCoreDetector(index="flat", excluded_patches=rows).fit(train)
+    others = [i for i in range(12) if i not in gone]
+    without = PatchCoreDetector(index="flat").fit({s: a[others] for s, a in train.items()})
+    for a, b in zip(refined.score(test), without.score(test), strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_leave_one_image_out_with_removed_patches(train, masked, monkeypatch):
+    # Images 2 and 7 have lost every patch, others some: each image's search still skips
+    # exactly its own remaining patches.
+    monkeypatch.setattr(patchcore, "_MASKED_SEARCH_ENTRIES", 2**26 if masked else 0)
+    removed = some_patches(seed=11)
+    detector = PatchCoreDetector(index="flat", exclude_self=True, excluded_patches=removed)
+    scores, maps = detector.fit(train).score(train)
+    remaining = np.setdiff1d(np.arange(12 * 64), removed)
+    patches = ref_patchcore_features(train, 3, None)
+    own_rows = [np.flatnonzero(remaining // 64 == i) for i in range(12)]
+    expected_scores, expected_maps = ref_patchcore_scores(
+        patches, patches.reshape(-1, 28)[remaining], 5, "euclidean", own_rows
+    )
+    assert_close(scores, expected_scores)
+    assert_close(maps, expected_maps)
+
+
+def test_excluded_patches_errors_name_the_problem(train):
+    for rows, message in [
+        ([12 * 64], r"\[0, 768\)"),
+        ([-1], r"\[0, 768\)"),
+        ([0.5], "int rows"),
+        (np.arange(12 * 64), "removes all 768"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            PatchCoreDetector(index="flat", excluded_patches=rows).fit(train)

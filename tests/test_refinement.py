@@ -17,11 +17,15 @@ from sroc.refinement import (
     consensus_ranking,
     cross_validation_ranking,
     fold_assignment,
+    images_of_patches,
     iterative_sroc_ranking,
     kept_positions,
     n_removed,
+    patch_removal_order,
+    patch_sroc_ranking,
     random_ranking,
     removal_order,
+    removed_patches,
     removed_positions,
     sroc_ranking,
     stoc_ranking,
@@ -138,6 +142,75 @@ class Recording:
 @pytest.fixture(scope="module")
 def polluted():
     return polluted_features(seed=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch-level refinement (patch_sroc)
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_loio_patch_scores(features, k=5):
+    """Every training patch's mean distance to its k nearest patches of the other images, by
+    brute force over PatchCore's patch features (3x3 average, bilinear to the 8x8 grid)."""
+    from test_patchcore import ref_patchcore_features, ref_patchcore_scores
+
+    patches = ref_patchcore_features(features, 3, None)
+    n = len(patches)
+    own = [np.arange(i * 64, (i + 1) * 64) for i in range(n)]
+    return ref_patchcore_scores(patches, patches.reshape(n * 64, -1), k, "euclidean", own)[1]
+
+
+def reference_top_patches(patch_scores, ids, count):
+    """The ``count`` highest patches as (image, location) pairs, by Python's sort on
+    (-score, image id, location)."""
+    n, height, width = patch_scores.shape
+    pairs = [(i, loc) for i in range(n) for loc in range(height * width)]
+    pairs.sort(key=lambda pair: (-float(patch_scores.reshape(n, -1)[pair]), ids[pair[0]], pair[1]))
+    return pairs[:count]
+
+
+def test_patch_sroc_scores_every_patch_leaving_its_image_out(polluted):
+    features, ids, _ = polluted
+    ranking = patch_sroc_ranking(features, ids, factory("patchcore", exclude_self=True))
+    assert ranking.strategy == "patch_sroc" and ranking.n_fits == 1
+    assert ranking.patch_scores.shape == (N_TRAIN, 8, 8)
+    np.testing.assert_allclose(
+        ranking.patch_scores, reference_loio_patch_scores(features), rtol=1e-5, atol=1e-5
+    )
+    # The image ranking is the highest patch score: sroc_loo's ranking of PatchCore.
+    np.testing.assert_array_equal(ranking.scores, ranking.patch_scores.max(axis=(1, 2)))
+    loo = sroc_ranking(features, ids, factory("patchcore", exclude_self=True))
+    np.testing.assert_array_equal(ranking.scores, loo.scores)
+    np.testing.assert_array_equal(ranking.order, loo.order)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.013, 0.05, 0.2, 0.45])
+def test_patch_sroc_removes_round_r_p_of_the_highest_patches(polluted, ratio):
+    features, ids, _ = polluted
+    ranking = patch_sroc_ranking(features, ids, factory("patchcore", exclude_self=True))
+    n_patches = N_TRAIN * 64
+    rows = removed_patches(ranking.patch_scores, ids, ratio)
+    exact = int((Decimal(str(ratio)) * n_patches).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    assert len(rows) == exact
+    expected = reference_top_patches(ranking.patch_scores, ids, exact)
+    assert [(row // 64, row % 64) for row in rows] == expected
+    touched = images_of_patches(rows, ranking.patch_scores.shape)
+    assert list(touched) == list(dict.fromkeys(image for image, _ in expected))
+
+
+def test_patch_removal_ties_are_broken_by_image_id_then_location():
+    scores = np.zeros((3, 1, 2), dtype=np.float32)
+    scores[0, 0, 1] = scores[2, 0, 0] = scores[2, 0, 1] = 1.0
+    ids = ["c", "x", "a"]  # image 2 sorts first
+    assert list(patch_removal_order(scores, ids)) == [4, 5, 1, 0, 2, 3]
+    assert list(images_of_patches([4, 5, 1, 0], scores.shape)) == [2, 0]
+
+
+def test_patch_sroc_needs_a_leave_one_out_patchcore(polluted):
+    features, ids, _ = polluted
+    for make in (factory("patchcore"), factory("knn", exclude_self=True)):
+        with pytest.raises(ValueError, match="PatchCoreDetector with exclude_self=True"):
+            patch_sroc_ranking(features, ids, make)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,3 +512,80 @@ def test_errors_name_the_problem(polluted):
         consensus_ranking([ranking], ids[:10])
     with pytest.raises(ValueError, match="not a permutation"):
         Ranking("sroc", np.zeros(3), np.array([0, 0, 1]), 1, 0.0, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# patch_sroc in the grid: ranking job, stored ranking, refinement job
+# ---------------------------------------------------------------------------------------------
+
+
+class StubCell:
+    """What sroc.grid reads of a cell: one fixed training set (whatever the pollution ratio),
+    its features by id, and a test set."""
+
+    def __init__(self, features, ids, polluted_ids, test_features):
+        self.train = pd.DataFrame({"image_id": ids, "polluted": np.isin(ids, polluted_ids)})
+        self._features = features
+        self._row = {image_id: row for row, image_id in enumerate(ids)}
+        self.test = pd.DataFrame({"image_id": [f"t{i}" for i in range(4)]})
+        self.test_ids = self.test["image_id"].to_numpy(dtype=str)
+        self.test_features = test_features
+
+    def training_set(self, ratio):
+        return self.train
+
+    def features_of(self, image_ids):
+        rows = np.array([self._row[i] for i in image_ids])
+        return {stage: array[rows] for stage, array in self._features.items()}
+
+
+class ImageLevelEvaluation:
+    needs_maps = False
+
+
+def test_patch_sroc_grid_refits_without_the_top_patches(polluted, tmp_path):
+    from sroc import grid
+    from sroc.runs import read_rankings, write_scores
+
+    features, ids, polluted_ids = polluted
+    test_features = polluted_features(seed=4, n=4)[0]
+    cell = StubCell(features, ids, polluted_ids, test_features)
+    spec = grid.DetectorSpec("patchcore", {"index": "flat"})
+    _, rankings = grid.unrefined_runs_and_rankings(
+        cell, spec, spec, ImageLevelEvaluation(), [0.2], 0.2, ["patch_sroc"], 5, 0
+    )
+    path = tmp_path / "ranked.h5"
+    write_scores(path, {}, rankings=rankings)
+    stored = read_rankings(path)["patch_sroc"]
+    # The stored patch scores are the leave-one-image-out scores, exactly as computed.
+    assert np.array_equal(stored.patch_scores, rankings[0].patch_scores)
+    np.testing.assert_allclose(
+        stored.patch_scores, reference_loio_patch_scores(features), rtol=1e-5, atol=1e-5
+    )
+    ratio = 0.1
+    (run,) = grid.refined_runs(cell, spec, ImageLevelEvaluation(), {"patch_sroc": stored}, ratio)
+    count = int((Decimal(str(ratio)) * N_TRAIN * 64).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    top = reference_top_patches(stored.patch_scores, ids, count)
+    rows = np.array([image * 64 + location for image, location in top])
+    expected = make_detector("patchcore", index="flat", excluded_patches=rows).fit(features)
+    assert np.array_equal(run.scores, expected.score(test_features, maps=False)[0])
+    # Removed images: those that lost at least one patch.
+    assert sorted(run.removed_ids) == sorted({ids[image] for image, _ in top})
+    record = run.record()
+    assert record["n_removed"] == len({image for image, _ in top}) < N_TRAIN
+    assert record["run"] == "patch_sroc/r=0.1"
+
+
+def test_patch_sroc_runs_for_patchcore_only(polluted):
+    from sroc import grid
+
+    strategies = ["sroc", "patch_sroc", "oracle"]
+    assert grid.strategies_for("patchcore", strategies) == strategies
+    assert grid.strategies_for("knn", strategies) == ["sroc", "oracle"]
+    features, ids, polluted_ids = polluted
+    cell = StubCell(features, ids, polluted_ids, polluted_features(seed=4, n=4)[0])
+    spec = grid.DetectorSpec("knn", {"n_neighbors": 3})
+    with pytest.raises(ValueError, match="'patch_sroc'.*'knn'.*strategies_for"):
+        grid.unrefined_runs_and_rankings(
+            cell, spec, spec, ImageLevelEvaluation(), [0.2], 0.2, ["patch_sroc"], 5, 0
+        )

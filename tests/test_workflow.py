@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from sroc.grid import SINGLE_RUN_STRATEGIES
+from sroc.grid import SINGLE_RUN_STRATEGIES, strategies_for
 
 REPO = Path(__file__).resolve().parents[1]
 MVTEC_CATEGORIES = [
@@ -129,11 +129,17 @@ def grid_size(config: dict) -> int:
     each single-run strategy (the oracle, sroc_auto), and every ranked strategy at every
     refinement ratio (r = 0 included)."""
     refinement = config["refinement"]
-    ranked = [s for s in refinement["strategies"] if s not in SINGLE_RUN_STRATEGIES]
-    single = len(set(refinement["strategies"]) & set(SINGLE_RUN_STRATEGIES))
-    per_cell = len(config["pollution"]["ratios"]) + single + len(ranked) * len(refinement["ratios"])
+    rows = 0
+    for detector in config["detectors"]:
+        # patch_sroc runs for PatchCore detectors only.
+        strategies = strategies_for(detector["type"], refinement["strategies"])
+        ranked = [s for s in strategies if s not in SINGLE_RUN_STRATEGIES]
+        single = len(set(strategies) & set(SINGLE_RUN_STRATEGIES))
+        rows += (
+            len(config["pollution"]["ratios"]) + single + len(ranked) * len(refinement["ratios"])
+        )
     cells = len(config["dataset"]["categories"]) * len(config["pollution"]["seeds"])
-    return cells * len(config["detectors"]) * per_cell
+    return cells * rows
 
 
 @pytest.mark.slow
@@ -149,6 +155,7 @@ def test_end_to_end_grid_fills_every_cell(synthetic_run):
     assert len(runs) == grid_size(config)
     assert not runs.duplicated(["category", "seed", "detector", "run"]).any()
     assert set(runs["strategy"]) == {"none", *config["refinement"]["strategies"]}
+    assert set(runs.loc[runs["strategy"] == "patch_sroc", "detector_type"]) == {"patchcore"}
     always = ["image_auroc", "au_pro", "au_iou", "n_train", "n_removed", "n_kept", "fit_seconds"]
     assert runs[always].notna().all().all()
     assert runs["au_pro"].between(0, 1).all() and runs["au_iou"].between(0, 1).all()
@@ -164,7 +171,7 @@ def test_end_to_end_grid_fills_every_cell(synthetic_run):
 def test_grid_refinement_matches_its_stored_rankings(synthetic_run):
     from sroc.contamination import tail_cut
     from sroc.metrics import refinement_scores
-    from sroc.refinement import n_removed
+    from sroc.refinement import images_of_patches, n_removed, removed_patches
     from sroc.runs import read_rankings, read_runs
 
     workdir, config = synthetic_run
@@ -193,7 +200,12 @@ def test_grid_refinement_matches_its_stored_rankings(synthetic_run):
         for strategy, ranking in rankings.items():
             polluted = ranking.image_ids[ranking.polluted]
             for ratio in config["refinement"]["ratios"]:
-                removed = ranking.removed_ids(n_removed(len(ranking.image_ids), ratio))
+                if ranking.patch_scores is None:
+                    removed = ranking.removed_ids(n_removed(len(ranking.image_ids), ratio))
+                else:  # patch_sroc: the images that lost at least one patch
+                    rows = removed_patches(ranking.patch_scores, ranking.image_ids, ratio)
+                    touched = images_of_patches(rows, ranking.patch_scores.shape)
+                    removed = ranking.image_ids[touched]
                 expected = refinement_scores(removed.tolist(), polluted.tolist())
                 row = cell.query("strategy == @strategy and refinement_ratio == @ratio")
                 assert len(row) == 1, (detector, category, strategy, ratio)

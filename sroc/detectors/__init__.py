@@ -67,6 +67,7 @@ def make_detector(name: str, **params) -> BaseDetector:
 _CALLER_PARAMS = {
     "random_state": "it comes from the config's top-level random_state",
     "n_jobs": "the workflow sets it from the job's threads",
+    "excluded_patches": "the patch_sroc refinement strategy sets it for each refit",
 }
 # The evaluation resizes and smooths the detectors' grid maps once, to ground-truth size.
 _EVALUATION_PARAMS = ("map_size", "map_sigma")

@@ -169,6 +169,10 @@ class PatchCoreDetector(BaseDetector):
     exclude_self : score() then expects the training features and excludes every patch of an
         image from that image's searches (leave-one-image-out). The default (False) follows the
         paper: a training patch finds itself at distance 0.
+    excluded_patches : rows of the full training bank (image-major, then row-major locations:
+        image i, location l is row ``i * H * W + l``) left out of the memory bank, or None.
+        Patch-level refinement (``sroc.refinement.patch_sroc_ranking``) sets it; the coreset
+        then selects among the remaining patches only. An image may lose all its patches.
     stages, n_jobs : as in :class:`KNNDetector`.
     random_state : seeds the random projection, the IVF k-means, the coreset start points and
         its projection.
@@ -195,6 +199,7 @@ class PatchCoreDetector(BaseDetector):
         coreset_projection_dim: int | None = 128,
         stages: Sequence[str] | None = None,
         exclude_self: bool = False,
+        excluded_patches: np.ndarray | Sequence[int] | None = None,
         n_jobs: int | None = None,
         random_state: int | None = 0,
     ):
@@ -214,6 +219,7 @@ class PatchCoreDetector(BaseDetector):
         self.coreset_projection_dim = coreset_projection_dim
         self.stages = stages
         self.exclude_self = exclude_self
+        self.excluded_patches = excluded_patches
         self.n_jobs = n_jobs
         self.random_state = random_state
 
@@ -302,10 +308,12 @@ class PatchCoreDetector(BaseDetector):
             chunk = {s: a[start : start + _IMAGE_CHUNK] for s, a in features.items()}
             patches = self.patch_features(chunk)
             bank[start * locations : start * locations + patches.shape[0]] = patches
-        kept = np.arange(bank.shape[0])
-        if self.coreset_ratio is not None and self.coreset_ratio < 1:
-            kept = self._coreset(bank, rng)
+        kept = self._remaining_patches(bank.shape[0])
+        if len(kept) < bank.shape[0]:
             bank = bank[kept]
+        if self.coreset_ratio is not None and self.coreset_ratio < 1:
+            selected = self._coreset(bank, rng)
+            kept, bank = kept[selected], bank[selected]
         # Row of each memory patch in the full bank (image-major, then row-major locations).
         self.memory_indices_ = kept
         image_of_patch = kept // locations
@@ -318,6 +326,30 @@ class PatchCoreDetector(BaseDetector):
             )
         self.memory_bank_ = bank
         self.index_ = self._build_index(bank, int(rng.integers(2**31 - 1)))
+
+    def _remaining_patches(self, n_patches: int) -> np.ndarray:
+        """Rows of the full bank (``n_patches`` rows) not in ``excluded_patches``, ascending."""
+        if self.excluded_patches is None:
+            return np.arange(n_patches)
+        excluded = np.asarray(self.excluded_patches)
+        if excluded.ndim != 1 or (excluded.size and excluded.dtype.kind not in "iu"):
+            raise ValueError(
+                "excluded_patches must be a 1-D sequence of int rows of the training bank, got "
+                f"shape {excluded.shape} and dtype {excluded.dtype}"
+            )
+        if excluded.size and (excluded.min() < 0 or excluded.max() >= n_patches):
+            raise ValueError(
+                f"excluded_patches must lie in [0, {n_patches}) (n_train x H x W = "
+                f"{self.n_train_} x {self.grid_hw_[0]} x {self.grid_hw_[1]}), got rows in "
+                f"[{excluded.min()}, {excluded.max()}]"
+            )
+        keep = np.ones(n_patches, dtype=bool)
+        keep[excluded.astype(np.int64)] = False
+        if not keep.any():
+            raise ValueError(
+                f"excluded_patches removes all {n_patches} training patches: keep some"
+            )
+        return np.flatnonzero(keep)
 
     def _coreset(self, bank: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n_select = min(

@@ -38,6 +38,7 @@ STRATEGY_NAMES = {
     "iterative_sroc": "iterative SROC",
     "consensus": "consensus of detectors",
     "sroc_auto": "SROC, ratio from the data",
+    "patch_sroc": "SROC, patch-level (PatchCore)",
 }
 POLLUTION_AXIS = "pollution of the training set (%)"
 REFINEMENT_AXIS = "share of the training set removed by refinement (%)"

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 from sroc.backbones import BackboneConfig  # noqa: E402
 from sroc.data import list_categories  # noqa: E402
 from sroc.detectors import validate_params  # noqa: E402
-from sroc.grid import refinement_settings  # noqa: E402
+from sroc.grid import refinement_settings, strategies_for  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -141,6 +141,14 @@ def detector_spec(name):
         "params": detector.get("params", {}),
         "random_state": RANDOM_STATE,
     }
+
+
+def detector_strategies(wildcards):
+    """The configured strategies that apply to the job's detector: patch_sroc refines a patch
+    memory bank, so it runs for PatchCore detectors only (sroc.grid.strategies_for)."""
+    return strategies_for(
+        DETECTORS[wildcards.detector]["type"], REFINEMENT["strategies"]
+    )
 
 
 def detector_threads(wildcards):

@@ -29,7 +29,7 @@ rule rank:
         },
         pollution_ratios=RATIOS,
         refined_ratio=REFINEMENT["pollution_ratio"],
-        strategies=REFINEMENT["strategies"],
+        strategies=detector_strategies,
         n_folds=REFINEMENT["n_folds"],
         iterative_steps=REFINEMENT["iterative_steps"],
         consensus=[
