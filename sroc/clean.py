@@ -197,6 +197,19 @@ def _embedded(
     return good, features, metadata, bad, reused
 
 
+def _image_region(anomaly_map: np.ndarray, config, height: int, width: int) -> np.ndarray:
+    """The part of a map that covers the image: without the margins of a padded input
+    (``aspect="pad"``), at the image's size on the input; the map itself otherwise."""
+    from sroc.backbones import input_geometry
+    from sroc.detectors import crop_resize_maps
+
+    if config.aspect != "pad":
+        return anomaly_map
+    geometry = input_geometry(config.aspect, config.input_size, height, width)
+    box = geometry.grid_box(anomaly_map.shape)
+    return crop_resize_maps(anomaly_map[None], box, geometry.box[2:])[0]
+
+
 def _check_count(n_good: int, n_bad: int) -> None:
     if n_good < MIN_IMAGES:
         skipped = f" ({n_bad} unreadable skipped)" if n_bad else ""
@@ -353,12 +366,13 @@ def run_clean(
 
     notes = []
     sizes = frame[["height", "width"]].drop_duplicates()
-    if len(sizes) > 1:
+    if len(sizes) > 1 and backbone.aspect == "squash":
         notes.append(
             f"The images come in {len(sizes)} sizes (e.g. "
             + ", ".join(f"{h}x{w}" for h, w in sizes.head(3).itertuples(index=False))
             + f", HxW); every image is resized to {backbone.input_size}x{backbone.input_size} "
-            "before embedding, so parts of other aspect ratios are squashed differently."
+            "before embedding, so parts of other aspect ratios are squashed differently "
+            "(backbone aspect='pad' keeps the aspect ratio)."
         )
     if skipped:
         notes.append(f"{len(skipped)} unreadable file(s) skipped (--skip-bad); listed below.")
@@ -382,13 +396,19 @@ def run_clean(
     suspect_maps = {}
     if maps and n_suspects:
         against_kept = detector_factory(detector, detector_params, threads, random_state, False)
-        suspect_maps = dict(
-            zip(
-                (str(good[position]) for position in suspects),
+        suspect_maps = {
+            str(good[position]): _image_region(
+                anomaly_map,
+                backbone,
+                int(metadata["height"].iloc[position]),
+                int(metadata["width"].iloc[position]),
+            )
+            for position, anomaly_map in zip(
+                suspects,
                 _suspect_maps(features, suspects, kept, against_kept, progress),
                 strict=True,
             )
-        )
+        }
     frame.attrs["settings"] = settings
     frame.attrs["notes"] = notes
     return CleanRun(frame, settings, notes, skipped, cut, suspect_maps)

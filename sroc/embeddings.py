@@ -5,8 +5,10 @@ One HDF5 file per (dataset, category, backbone configuration)::
     /features/<stage>   (n, C, H, W) float16 (or float32), one chunk per image, finest stage first
     /images/image_id, origin, defect_type, mask_path, path   utf-8 strings
     /images/label       int8;   /images/height, /images/width   int32, original image size
+    /images/input_box   int32 (n, 4), only for aspect "pad" and "tile": each image's (top, left,
+                        height, width) on the input canvas, in backbone-input pixels
     attrs: backbone_config (JSON), config_hash, category, stages (JSON), runtime, versions,
-           complete = 1 (written last)
+           input_canvas (JSON [H, W], only with input_box), complete = 1 (written last)
 
 The file is written under a temporary name and renamed when complete, and readers refuse a file
 without ``complete``: a killed job leaves nothing that a later step accepts.
@@ -32,8 +34,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from sroc.backbones import BackboneConfig, FeatureExtractor, select_runner
-from sroc.data import INDEX_COLUMNS
+from sroc.backbones import BackboneConfig, FeatureExtractor, InputGeometry, select_runner
+from sroc.data import INDEX_COLUMNS, image_size
 from sroc.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -80,16 +82,23 @@ def _validated_index(index: pd.DataFrame) -> pd.DataFrame:
 class _BatchReader:
     """Decodes and preprocesses batches in background threads while the caller runs inference.
 
-    Iterating yields ``(start, batch, heights, widths)`` in index order. An error while reading
-    (e.g. a corrupt file, raised by ``sroc.data.read_image`` with the file named) is re-raised in
-    the consumer.
+    Iterating yields ``(start, batch, heights, widths, boxes)`` in index order (``boxes``: each
+    image's (top, left, height, width) on the input canvas). An error while reading (e.g. a
+    corrupt file, raised by ``sroc.data.read_image`` with the file named, or an image whose tiles
+    do not give ``canvas``) is re-raised in the consumer.
     """
 
     def __init__(
-        self, paths: Sequence[str], extractor: FeatureExtractor, batch_size: int, threads: int
+        self,
+        paths: Sequence[str],
+        extractor: FeatureExtractor,
+        batch_size: int,
+        threads: int,
+        canvas: InputGeometry,
     ):
         self._paths = list(paths)
         self._extractor = extractor
+        self._canvas = canvas
         self._batch_size = batch_size
         self._threads = threads
         # Enough decoded batches to keep every inference worker busy.
@@ -109,11 +118,14 @@ class _BatchReader:
             except queue.Empty:
                 pass
 
-    def _load(self, path: str) -> tuple[np.ndarray, int, int]:
+    def _load(self, path: str) -> tuple[np.ndarray, int, int, tuple]:
         from sroc.data import read_image
 
         image = read_image(path)
-        return self._extractor.preprocess(image), image.shape[0], image.shape[1]
+        geometry = self._extractor.geometry(image.shape[0], image.shape[1])
+        _check_same_canvas(geometry, self._canvas, path, image.shape[:2])
+        pixels = self._extractor.preprocess(image, geometry)
+        return pixels, image.shape[0], image.shape[1], geometry.box
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -130,17 +142,18 @@ class _BatchReader:
                 for start in range(0, len(self._paths), self._batch_size):
                     chunk = self._paths[start : start + self._batch_size]
                     loaded = list(pool.map(self._load, chunk))
-                    batch = np.stack([pixels for pixels, _, _ in loaded])
-                    heights = np.array([h for _, h, _ in loaded], np.int32)
-                    widths = np.array([w for _, _, w in loaded], np.int32)
-                    if not self._put((start, batch, heights, widths)):
+                    batch = np.stack([pixels for pixels, _, _, _ in loaded])
+                    heights = np.array([h for _, h, _, _ in loaded], np.int32)
+                    widths = np.array([w for _, _, w, _ in loaded], np.int32)
+                    boxes = np.array([box for _, _, _, box in loaded], np.int32)
+                    if not self._put((start, batch, heights, widths, boxes)):
                         return
         except BaseException as error:  # handed to the consumer, which re-raises it
             self._put(error)
             return
         self._put(None)
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         while True:
             item = self._queue.get()
             if item is None:
@@ -148,6 +161,22 @@ class _BatchReader:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+
+def _check_same_canvas(
+    geometry: InputGeometry, canvas: InputGeometry, path: str, size: Sequence[int]
+) -> None:
+    """One cache holds one grid per stage: with ``aspect="tile"`` every image must be cut into
+    the tiles of the cache's first image."""
+    if (geometry.canvas_hw, geometry.tile_offsets) == (canvas.canvas_hw, canvas.tile_offsets):
+        return
+    raise ValueError(
+        f"{path} ({size[0]}x{size[1]}, HxW) is resized to {geometry.canvas_hw[0]}x"
+        f"{geometry.canvas_hw[1]} for aspect='tile', but the category's first image gave "
+        f"{canvas.canvas_hw[0]}x{canvas.canvas_hw[1]}: one cache needs one feature grid, so "
+        "aspect='tile' needs images of about one aspect ratio. Fix: use aspect='pad' (any aspect "
+        "ratios) or 'squash', or crop/resize the images to one shape"
+    )
 
 
 def _library_versions() -> dict:
@@ -191,10 +220,16 @@ def build_cache(
     torch.set_num_threads(threads)
     try:
         extractor = FeatureExtractor(config)
+        # With aspect="tile" the first image fixes the canvas, hence the grid, of the cache;
+        # squashed and padded images all have the square one.
+        size = config.input_size
+        first_hw = image_size(index["path"].iloc[0]) if config.aspect == "tile" else (size, size)
+        canvas = extractor.geometry(*first_hw)
+        shapes = extractor.output_shapes(canvas)
         with (
             atomic_path(cache_path, suffix=".h5.tmp") as temporary,
             h5py.File(temporary, "w") as h5,
-            _BatchReader(index["path"], extractor, config.batch_size, threads) as batches,
+            _BatchReader(index["path"], extractor, config.batch_size, threads, canvas) as batches,
             tqdm(
                 total=n_images,
                 unit="img",
@@ -205,19 +240,21 @@ def build_cache(
             ) as bar,
         ):
             _write_metadata(h5, index)
-            writer = _FeatureWriter(h5, extractor, n_images, category)
+            writer = _FeatureWriter(h5, extractor, n_images, category, shapes)
             batch_iterator = iter(batches)
-            start, batch, heights, widths = next(batch_iterator)
-            runner, runtime, outputs = select_runner(extractor, batch, onnx_dir)
+            start, batch, heights, widths, boxes = next(batch_iterator)
+            tiles = extractor.split_tiles(batch, canvas)
+            runner, runtime, outputs = select_runner(extractor, tiles, onnx_dir)
+            runner = extractor.tiled(runner, canvas)  # canvases in, stitched maps out
             # ONNX Runtime runs `threads` batches at once, one thread each; torch uses its own
             # intra-op threads on one batch at a time.
             workers = threads if runtime == "onnxruntime" else 1
             first = Future()
-            first.set_result(outputs)
-            pending = deque([(start, heights, widths, first)])
+            first.set_result(extractor.stitch(outputs, canvas, len(batch)))
+            pending = deque([(start, heights, widths, boxes, first)])
             with ThreadPoolExecutor(workers, thread_name_prefix="sroc-infer") as pool:
-                for start, batch, heights, widths in batch_iterator:
-                    pending.append((start, heights, widths, pool.submit(runner, batch)))
+                for start, batch, heights, widths, boxes in batch_iterator:
+                    pending.append((start, heights, widths, boxes, pool.submit(runner, batch)))
                     while len(pending) > workers:
                         bar.update(writer.write(*pending.popleft()))
                 while pending:
@@ -230,6 +267,8 @@ def build_cache(
             h5.attrs["stages"] = json.dumps(list(extractor.stages))
             h5.attrs["runtime"] = runtime
             h5.attrs["versions"] = json.dumps(_library_versions(), sort_keys=True)
+            if config.aspect != "squash":
+                h5.attrs["input_canvas"] = json.dumps(list(canvas.canvas_hw))
             h5.attrs["complete"] = 1  # last: marks the file as finished
     finally:
         torch.set_num_threads(previous_threads)
@@ -247,10 +286,19 @@ def build_cache(
 
 
 class _FeatureWriter:
-    """Writes batches of stage outputs (in index order) and the original image sizes."""
+    """Writes batches of stage outputs (in index order), the original image sizes and, unless
+    the images are squashed, where each lies on the input canvas."""
 
-    def __init__(self, h5: h5py.File, extractor: FeatureExtractor, n_images: int, category: str):
+    def __init__(
+        self,
+        h5: h5py.File,
+        extractor: FeatureExtractor,
+        n_images: int,
+        category: str,
+        shapes: Mapping[str, tuple[int, int, int]],
+    ):
         self._extractor = extractor
+        self._shapes = dict(shapes)
         self._dtype = np.dtype(extractor.config.feature_dtype)
         self._category = category
         self._h5 = h5
@@ -259,16 +307,24 @@ class _FeatureWriter:
             stage: group.create_dataset(
                 stage, shape=(n_images, *shape), dtype=self._dtype, chunks=(1, *shape)
             )
-            for stage, shape in extractor.stage_shapes.items()
+            for stage, shape in self._shapes.items()
         }
         self._heights = np.zeros(n_images, np.int32)
         self._widths = np.zeros(n_images, np.int32)
+        self._boxes = np.zeros((n_images, 4), np.int32)
 
-    def write(self, start: int, heights: np.ndarray, widths: np.ndarray, outputs: Future) -> int:
+    def write(
+        self,
+        start: int,
+        heights: np.ndarray,
+        widths: np.ndarray,
+        boxes: np.ndarray,
+        outputs: Future,
+    ) -> int:
         """Store one batch; returns its number of images."""
         outputs = outputs.result()
         count = len(heights)
-        self._extractor.check_outputs(outputs, count)
+        self._extractor.check_outputs(outputs, count, self._shapes)
         stop = start + count
         for stage, dataset in self._datasets.items():
             values = outputs[stage].astype(self._dtype, copy=False)
@@ -280,11 +336,14 @@ class _FeatureWriter:
             dataset[start:stop] = values
         self._heights[start:stop] = heights
         self._widths[start:stop] = widths
+        self._boxes[start:stop] = boxes
         return count
 
     def finish(self) -> None:
         self._h5["images/height"] = self._heights
         self._h5["images/width"] = self._widths
+        if self._extractor.config.aspect != "squash":  # squash caches keep their old layout
+            self._h5["images/input_box"] = self._boxes
 
 
 def _write_metadata(h5: h5py.File, index: pd.DataFrame) -> None:
@@ -346,6 +405,34 @@ def cache_shapes(cache_path: str | os.PathLike) -> tuple[int, dict[str, tuple[in
         shapes = {stage: tuple(int(d) for d in h5["features"][stage].shape) for stage in stages}
     n_images = next(iter(shapes.values()))[0]
     return n_images, {stage: shape[1:] for stage, shape in shapes.items()}
+
+
+def input_boxes(
+    cache_path: str | os.PathLike, image_ids: Sequence[str] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Where each image lies on the backbone input: ``(boxes, canvas_hw)``, ``boxes`` int64
+    (n, 4) of (top, left, height, width) in backbone-input pixels on the canvas of
+    ``canvas_hw``, which the feature maps span (default: all images, in stored order).
+
+    Squashed images (``aspect="squash"``, and caches from before the choice existed) fill the
+    S x S canvas; padded ones fill their box; tiled ones fill their S x L (or L x S) canvas.
+    """
+    with _open_complete(cache_path) as h5:
+        image_column = h5["images/image_id"].asstr()[:]
+        if "input_box" in h5["images"]:
+            boxes = h5["images/input_box"][:].astype(np.int64)
+            canvas = tuple(int(v) for v in json.loads(h5.attrs["input_canvas"]))
+        else:
+            size = int(json.loads(h5.attrs["backbone_config"])["input_size"])
+            canvas = (size, size)
+            boxes = np.tile(np.array([0, 0, size, size], np.int64), (len(image_column), 1))
+    if image_ids is None:
+        return boxes, canvas
+    row_of = pd.Series(np.arange(len(image_column)), index=image_column)
+    unknown = [str(i) for i in image_ids if str(i) not in row_of.index]
+    if unknown:
+        raise KeyError(f"{len(unknown)} image id(s) not in {cache_path}, e.g. {unknown[:5]}")
+    return boxes[row_of.loc[[str(i) for i in image_ids]].to_numpy()], canvas
 
 
 def _read_rows(dataset: h5py.Dataset, positions: np.ndarray) -> np.ndarray:

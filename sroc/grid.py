@@ -32,7 +32,7 @@ import pandas as pd
 from sroc import refinement, splits
 from sroc.contamination import estimate_contamination
 from sroc.detectors import BaseDetector, make_detector
-from sroc.embeddings import load_features
+from sroc.embeddings import input_boxes, load_features
 from sroc.evaluation import TestEvaluation
 from sroc.io import atomic_path
 from sroc.runs import Run, StoredRanking
@@ -389,11 +389,14 @@ class CellJob:
             log.warning("nothing to fit: %s", info["excluded"])
             return cls(info, None, None)
         cell = Cell(splits.read_manifest(manifest_path), cache_path)
+        boxes, canvas = input_boxes(cache_path, cell.test["image_id"].tolist())
         test_evaluation = TestEvaluation(
             cell.test,
             fpr_limit=evaluation["fpr_limit"],
             input_size=input_size,
             resolution=evaluation["resolution"],
+            input_boxes=boxes,
+            canvas_hw=canvas,
         )
         return cls(info, cell, test_evaluation)
 

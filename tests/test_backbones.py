@@ -332,3 +332,155 @@ def test_invalid_config_is_rejected(fields, message):
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown backbone config key"):
         BackboneConfig.from_dict({"name": "tf_efficientnet_lite2", "thread": 2})
+
+
+# --- aspect ratio: squash, pad, tile ---------------------------------------------------------
+
+TILE_64 = BackboneConfig(name="tf_efficientnet_lite0", input_size=64, aspect="tile")
+
+
+@pytest.fixture(scope="module")
+def tile_extractor() -> FeatureExtractor:
+    return FeatureExtractor(TILE_64)
+
+
+def hooked_forward(config: BackboneConfig, tiles: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Stage outputs of each (3, S, S) tile through the unmodified timm model (forward hooks)."""
+    model = create_model(config)
+    captured = {}
+    for stage in config.stages:
+        model.get_submodule(stage).register_forward_hook(
+            lambda module, args, output, stage=stage: captured.__setitem__(stage, output)
+        )
+    outputs = []
+    for tile in tiles:
+        with torch.no_grad():
+            model(torch.from_numpy(np.ascontiguousarray(tile[None], np.float32)))
+        outputs.append({stage: value[0].numpy() for stage, value in captured.items()})
+    return outputs
+
+
+def reference_canvas(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bicubic resize to height x width and (x - 0.5) / 0.5 (EfficientNet-Lite), (3, h, w)."""
+    resized = Image.fromarray(image).resize((width, height), Image.BICUBIC)
+    return ((np.asarray(resized, np.float64) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+def test_input_geometry_of_each_aspect():
+    assert backbones.input_geometry("squash", 380, 500, 1250).box == (0, 0, 380, 380)
+    padded = backbones.input_geometry("pad", 380, 500, 1250)
+    assert padded.canvas_hw == (380, 380) and padded.box == (114, 0, 152, 380)
+    assert backbones.input_geometry("pad", 380, 1130, 460).box == (0, 112, 380, 155)
+    tiled = backbones.input_geometry("tile", 380, 500, 1250)
+    # 380 * 2.5 = 950 -> 380 + 32 * 18 = 956; ceil(956 / 380) = 3 tiles, offsets of 32 px.
+    assert tiled.canvas_hw == (380, 956) and tiled.tile_offsets == (0, 288, 576)
+    tall = backbones.input_geometry("tile", 380, 1130, 460)
+    assert tall.tile_axis == 0 and tall.canvas_hw == (924, 380) and tall.n_tiles == 3
+    # 2:1 at 380: 732 (3.7 % short) needs 2 tiles where 764 would need 3.
+    assert backbones.input_geometry("tile", 380, 500, 1000).tile_offsets == (0, 352)
+    assert backbones.input_geometry("tile", 64, 100, 100).tile_offsets == (0,)
+    with pytest.raises(ValueError, match="aspect must be one of"):
+        backbones.input_geometry("crop", 64, 10, 10)
+
+
+def test_tiles_without_overlap_give_each_tiles_features_side_by_side(tile_extractor):
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, size=(30, 60, 3), dtype=np.uint8)  # exactly 2 tiles at 64
+    geometry = tile_extractor.geometry(30, 60)
+    assert geometry.canvas_hw == (64, 128) and geometry.tile_offsets == (0, 64)
+    batch = tile_extractor.preprocess(image)[None]
+    canvas = reference_canvas(image, 64, 128)
+    np.testing.assert_allclose(batch[0], canvas, atol=1e-6)
+    stitched = tile_extractor.tiled(tile_extractor.run_torch, geometry)(batch)
+    left, right = hooked_forward(TILE_64, [canvas[:, :, :64], canvas[:, :, 64:]])
+    assert tile_extractor.output_shapes(geometry)["blocks.2"] == (40, 8, 16)
+    for stage, values in stitched.items():
+        expected = np.concatenate([left[stage], right[stage]], axis=-1)
+        assert values.shape == (1, *tile_extractor.output_shapes(geometry)[stage])
+        np.testing.assert_allclose(values[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_overlapping_tiles_are_averaged_on_the_overlap(tile_extractor):
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, size=(40, 100, 3), dtype=np.uint8)  # 64 x 160: 3 tiles
+    geometry = tile_extractor.geometry(40, 100)
+    assert geometry.canvas_hw == (64, 160) and geometry.tile_offsets == (0, 64, 96)
+    stitched = tile_extractor.tiled(tile_extractor.run_torch, geometry)(
+        tile_extractor.preprocess(image)[None]
+    )
+    canvas = reference_canvas(image, 64, 160)
+    t0, t1, t2 = hooked_forward(TILE_64, [canvas[:, :, o : o + 64] for o in (0, 64, 96)])
+    # Stride 8 (8 cells a tile): tile 0 -> 0..7, tile 1 -> 8..15, tile 2 -> 12..19.
+    a, b, c = t0["blocks.2"], t1["blocks.2"], t2["blocks.2"]
+    expected = np.concatenate([a, b[..., :4], (b[..., 4:] + c[..., :4]) / 2, c[..., 4:]], axis=-1)
+    np.testing.assert_allclose(stitched["blocks.2"][0], expected, atol=1e-4, rtol=1e-4)
+    # Stride 32 (2 cells a tile): 0..1, 2..3, 3..4; cell 3 is the mean of two tiles.
+    a, b, c = t0["blocks.5"], t1["blocks.5"], t2["blocks.5"]
+    expected = np.stack(
+        [a[..., 0], a[..., 1], b[..., 0], (b[..., 1] + c[..., 0]) / 2, c[..., 1]], axis=-1
+    )
+    np.testing.assert_allclose(stitched["blocks.5"][0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_tall_images_are_tiled_along_the_height(tile_extractor):
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, size=(60, 30, 3), dtype=np.uint8)
+    geometry = tile_extractor.geometry(60, 30)
+    assert geometry.tile_axis == 0 and geometry.canvas_hw == (128, 64)
+    stitched = tile_extractor.tiled(tile_extractor.run_torch, geometry)(
+        tile_extractor.preprocess(image)[None]
+    )
+    canvas = reference_canvas(image, 128, 64)
+    top, bottom = hooked_forward(TILE_64, [canvas[:, :64], canvas[:, 64:]])
+    for stage, values in stitched.items():
+        expected = np.concatenate([top[stage], bottom[stage]], axis=-2)
+        np.testing.assert_allclose(values[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pad_centres_the_image_on_the_mean_colour_and_features_are_of_that_tensor():
+    config = dataclasses.replace(TILE_64, aspect="pad")
+    extractor = FeatureExtractor(config)
+    rng = np.random.default_rng(6)
+    image = rng.integers(0, 256, size=(30, 60, 3), dtype=np.uint8)
+    geometry = extractor.geometry(30, 60)
+    assert geometry.box == (16, 0, 32, 64)
+    padded = np.pad(reference_canvas(image, 32, 64), ((0, 0), (16, 16), (0, 0)))
+    result = extractor.preprocess(image)
+    assert result.shape == (3, 64, 64)
+    np.testing.assert_allclose(result, padded, atol=1e-6)
+    # The padding is the model's mean colour: a mean-grey image normalises to 0 as well.
+    grey = np.full((8, 8, 3), 127.5, np.float32)
+    np.testing.assert_allclose((grey / 255 - extractor.mean) / extractor.std, 0, atol=1e-6)
+    features = extractor.run_torch(result[None])
+    (reference,) = hooked_forward(config, [padded])
+    for stage, values in features.items():
+        assert values.shape[1:] == extractor.stage_shapes[stage]  # square grids, as squash
+        np.testing.assert_allclose(values[0], reference[stage], atol=1e-4, rtol=1e-4)
+    assert geometry.grid_box((8, 8)) == (2.0, 0.0, 6.0, 8.0)
+
+
+def test_squash_is_unchanged_by_the_aspect_field(small_extractor):
+    rng = np.random.default_rng(7)
+    image = rng.integers(0, 256, size=(37, 81, 3), dtype=np.uint8)
+    geometry = small_extractor.geometry(37, 81)
+    assert geometry.canvas_hw == (96, 96) and geometry.box == (0, 0, 96, 96)
+    np.testing.assert_array_equal(
+        small_extractor.preprocess(image), small_extractor.preprocess(image, geometry)
+    )
+    batch = small_extractor.preprocess(image)[None]
+    runner = small_extractor.run_torch  # a bound method: equal, not identical, each access
+    assert small_extractor.tiled(runner, geometry) is runner
+    assert small_extractor.split_tiles(batch, geometry) is batch
+
+
+def test_config_hash_separates_aspects_and_keeps_squash_key():
+    squash, pad, tile = (BackboneConfig(aspect=aspect) for aspect in backbones.ASPECTS)
+    assert squash.config_hash() == BackboneConfig().config_hash()
+    assert "aspect" not in squash.feature_fields()
+    assert pad.feature_fields()["aspect"] == "pad"
+    assert len({squash.config_hash(), pad.config_hash(), tile.config_hash()}) == 3
+    assert squash.tag() == f"tf_efficientnet_lite2-380-{squash.config_hash()}"
+    assert tile.tag() == f"tf_efficientnet_lite2-380-tile-{tile.config_hash()}"
+    assert BackboneConfig.from_dict(tile.to_dict()) == tile
+    with pytest.raises(ValueError, match="aspect must be one of squash, pad, tile"):
+        BackboneConfig(aspect="crop")

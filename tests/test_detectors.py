@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from sroc.detectors import (
     KNNDetector,
     MahalanobisDetector,
     PaDiMDetector,
+    crop_resize_maps,
     estimate_memory_mb,
     ledoit_wolf,
     make_detector,
@@ -167,6 +169,87 @@ def test_resize_maps_matches_bilinear_then_gaussian_reference():
 def test_scale_sigma_follows_the_resize_of_each_axis():
     assert scale_sigma(4.0, 380, (480, 190)) == pytest.approx((4.0 * 480 / 380, 2.0))
     assert scale_sigma(4.0, 380, 48) == pytest.approx((4.0 * 48 / 380,) * 2)
+
+
+def test_crop_resize_maps_leaves_out_what_lies_outside_the_box():
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 8, 8)).astype(np.float32)
+    # The whole grid: plain resize_maps.
+    assert_close(
+        crop_resize_maps(maps, (0, 0, 8, 8), (15, 11), 1.2), resize_maps(maps, (15, 11), 1.2)
+    )
+    # Rows 0-1 and 6-7 are padding (a constant far above the map): none of it comes through.
+    padded = maps.copy()
+    padded[:, :2] = padded[:, 6:] = 100.0
+    cropped = crop_resize_maps(padded, (2, 0, 6, 8), (9, 20), (0.7, 1.1))
+    assert cropped.max() < 1.0
+    assert_close(cropped, resize_maps(maps[:, 2:6], (9, 20), (0.7, 1.1)))
+    assert_close(
+        crop_resize_maps(maps, (1, 3, 7, 5), (12, 4)),
+        np.array([ref_bilinear(m[1:7, 3:5], 12, 4) for m in maps]),
+    )
+    with pytest.raises(ValueError, match="box"):
+        crop_resize_maps(maps, (0, 0, 9, 8), 4)
+
+
+def test_evaluation_resizes_maps_in_the_images_geometry():
+    from sroc.evaluation import SMOOTHING_SIGMA_INPUT_PX, TestEvaluation
+
+    sigma = SMOOTHING_SIGMA_INPUT_PX
+    test = pd.DataFrame(
+        {"image_id": ["a", "b"], "label": [0, 1], "mask_path": ["", ""], "path": ["a", "b"]}
+    )
+    grid = np.random.default_rng(1).random((8, 8)).astype(np.float32)
+    squashed = TestEvaluation(test, input_size=64)
+    assert_close(
+        squashed.resize_map(grid, squashed.input_boxes[0], (30, 60)),
+        resize_maps(grid[None], (30, 60), scale_sigma(sigma, 64, (30, 60)))[0],
+    )
+    # Padded: a 30 x 60 image is 32 x 64 input pixels at rows 16-48, grid rows 2-6.
+    padded = TestEvaluation(
+        test, input_size=64, input_boxes=[[16, 0, 32, 64], [0, 0, 64, 64]], canvas_hw=(64, 64)
+    )
+    assert_close(
+        padded.resize_map(grid, padded.input_boxes[0], (30, 60)),
+        resize_maps(grid[None, 2:6], (30, 60), scale_sigma(sigma, (32, 64), (30, 60)))[0],
+    )
+    # Tiled: the 8 x 20 grid spans the 64 x 160 canvas, which is the image.
+    wide = np.random.default_rng(2).random((8, 20)).astype(np.float32)
+    tiled = TestEvaluation(
+        test, input_size=64, input_boxes=[[0, 0, 64, 160]] * 2, canvas_hw=(64, 160)
+    )
+    assert_close(
+        tiled.resize_map(wide, tiled.input_boxes[1], (40, 100)),
+        resize_maps(wide[None], (40, 100), scale_sigma(sigma, (64, 160), (40, 100)))[0],
+    )
+
+
+WIDE = {"s1": (6, 4, 12), "s2": (10, 2, 6), "s3": (12, 1, 3)}
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("knn", {}),
+        ("mahalanobis", {}),
+        ("padim", {"n_features": 20}),
+        ("patchcore", {"index": "flat"}),
+    ],
+)
+def test_detectors_work_on_non_square_grids(name, params):
+    """Tiled images give wide grids (H != W): maps keep that shape, and scoring the transposed
+    features gives the transposed maps and the same image scores."""
+    train, test = random_features(12, seed=1, shapes=WIDE), random_features(4, seed=2, shapes=WIDE)
+    scores, maps = make_detector(name, **params).fit(train).score(test)
+    assert maps.shape == (4, 4, 12)
+
+    def transposed(features):
+        return {s: np.ascontiguousarray(v.transpose(0, 1, 3, 2)) for s, v in features.items()}
+
+    t_scores, t_maps = make_detector(name, **params).fit(transposed(train)).score(transposed(test))
+    assert t_maps.shape == (4, 12, 4)
+    assert_close(t_scores, scores, rtol=1e-4)
+    assert_close(t_maps, maps.transpose(0, 2, 1), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_samples", [5, 40])

@@ -337,3 +337,74 @@ def test_real_jpegs_of_varying_size(tmp_path, onnx_dir):
     reference = reference_features(metadata["path"], CONFIG)
     for stage, values in features.items():
         np.testing.assert_allclose(values, reference[stage], rtol=1e-3, atol=1e-3)
+
+
+# --- aspect ratio ----------------------------------------------------------------------------
+
+
+def test_padded_cache_stores_each_images_box_and_padded_features(dataset, tmp_path):
+    from sroc.backbones import FeatureExtractor, input_geometry
+    from sroc.data import read_image
+    from sroc.embeddings import input_boxes
+
+    _, index = dataset
+    config = dataclasses.replace(CONFIG, aspect="pad", runtime="torch")
+    path = tmp_path / f"{config.tag()}.h5"
+    build_cache(index, path, config, threads=2, progress=False)
+    features, metadata = load_features(path)
+    boxes, canvas = input_boxes(path)
+    assert canvas == (64, 64)
+    for row, box in zip(metadata.itertuples(), boxes, strict=True):
+        assert tuple(box) == input_geometry("pad", 64, row.height, row.width).box
+    assert tuple(boxes[metadata["image_id"].tolist().index("train/good/003")]) == (
+        (64 - 23) // 2, 0, 23, 64,  # 33 x 90 -> 23 x 64
+    )  # fmt: skip
+    extractor = FeatureExtractor(config)
+    batch = np.stack([extractor.preprocess(read_image(p)) for p in metadata["path"]])
+    for stage, values in extractor.run_torch(batch).items():
+        np.testing.assert_allclose(features[stage], values, rtol=1e-3, atol=1e-3)
+    subset = metadata["image_id"].tolist()[3:0:-1]
+    np.testing.assert_array_equal(input_boxes(path, subset)[0], boxes[3:0:-1])
+
+
+def test_squashed_cache_has_no_boxes_and_reads_as_whole_canvas(built):
+    from sroc.embeddings import input_boxes
+
+    with h5py.File(built, "r") as h5:
+        assert "input_box" not in h5["images"] and "input_canvas" not in h5.attrs
+    boxes, canvas = input_boxes(built)
+    assert canvas == (64, 64) and (boxes == [0, 0, 64, 64]).all()
+
+
+def test_tiled_cache_has_wide_grids(tmp_path):
+    from sroc.backbones import FeatureExtractor
+    from sroc.data import read_image
+
+    rng = np.random.default_rng(1)
+    for folder, name in [("train/good", "000"), ("train/good", "001"), ("test/good", "000")]:
+        target = tmp_path / "data" / "wide" / folder / f"{name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 100, 3), dtype=np.uint8)).save(target)
+    index = index_category(tmp_path / "data", "wide")
+    config = dataclasses.replace(CONFIG, aspect="tile", runtime="torch")
+    path = tmp_path / f"{config.tag()}.h5"
+    build_cache(index, path, config, threads=1, progress=False)
+    n_images, shapes = cache_shapes(path)
+    assert n_images == 3
+    assert shapes == {"blocks.2": (40, 8, 20), "blocks.4": (112, 4, 10), "blocks.5": (192, 2, 5)}
+    extractor = FeatureExtractor(config)
+    geometry = extractor.geometry(40, 100)
+    features, metadata = load_features(path)
+    batch = np.stack([extractor.preprocess(read_image(p)) for p in metadata["path"]])
+    expected = extractor.tiled(extractor.run_torch, geometry)(batch)
+    for stage, values in features.items():
+        np.testing.assert_allclose(values, expected[stage], rtol=1e-3, atol=1e-3)
+
+
+def test_tiles_of_different_aspect_ratios_fail_with_the_file_and_the_fix(dataset, tmp_path):
+    _, index = dataset
+    config = dataclasses.replace(CONFIG, aspect="tile", runtime="torch")
+    with pytest.raises(ValueError, match=r"\(\d+x\d+, HxW\).*aspect='pad'") as error:
+        build_cache(index, tmp_path / "x.h5", config, progress=False)
+    assert "widget" in str(error.value)  # the file's path
+    assert not (tmp_path / "x.h5").exists() and not leftovers(tmp_path)

@@ -17,7 +17,7 @@ from sroc.detectors.base import INTERPRETER_OVERHEAD_MB, WORKSPACE_MB, BaseDetec
 from sroc.detectors.knn import KNNDetector
 from sroc.detectors.linalg import cholesky_factors, ledoit_wolf, whiten
 from sroc.detectors.mahalanobis import MahalanobisDetector
-from sroc.detectors.maps import resize_maps, scale_sigma
+from sroc.detectors.maps import crop_resize_maps, resize_maps, scale_sigma
 from sroc.detectors.padim import PaDiMDetector
 from sroc.detectors.patchcore import PatchCoreDetector, greedy_coreset_indices
 
@@ -36,6 +36,7 @@ __all__ = [
     "greedy_coreset_indices",
     "ledoit_wolf",
     "make_detector",
+    "crop_resize_maps",
     "resize_maps",
     "scale_sigma",
     "validate_params",

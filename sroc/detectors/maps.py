@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,15 +55,64 @@ def resize_maps(
     return resized
 
 
+def _bilinear_weights(out_size: int, start: float, stop: float, in_size: int) -> np.ndarray:
+    """(out_size, in_size) matrix of half-pixel-centre bilinear sampling of the span
+    [start, stop) of ``in_size`` cells: output pixel i samples position
+    start + (i + 0.5) (stop - start) / out_size, clamped to the centres of the outermost cells
+    that the span touches, so that no cell outside it contributes (over the full span: torch's
+    ``interpolate(..., align_corners=False)``)."""
+    centres = start + (np.arange(out_size) + 0.5) * (stop - start) / out_size - 0.5
+    first = min(max(math.floor(start), 0), in_size - 1)
+    last = min(max(math.ceil(stop) - 1, first), in_size - 1)
+    centres = np.clip(centres, first, last)
+    low = np.floor(centres).astype(np.int64)
+    high = np.minimum(low + 1, in_size - 1)
+    fraction = centres - low
+    weights = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    np.add.at(weights, (rows, low), 1.0 - fraction)
+    np.add.at(weights, (rows, high), fraction)
+    return weights
+
+
+def crop_resize_maps(
+    maps: np.ndarray,
+    box: Sequence[float],
+    out_hw: int | Sequence[int],
+    sigma: float | Sequence[float] = 0.0,
+) -> np.ndarray:
+    """Resize the part ``box`` of anomaly maps to ``out_hw`` bilinearly, then smooth.
+
+    ``box`` is (y0, x0, y1, x1) in grid cells, fractional allowed (cell j spans [j, j + 1)):
+    e.g. the image region of a padded input (:meth:`sroc.backbones.InputGeometry.grid_box`),
+    whose margins of padding are thereby left out. Sampling and smoothing are those of
+    :func:`resize_maps`, which this equals (to rounding) for the box (0, 0, h, w).
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must have shape (n, h, w), got {maps.shape}")
+    y0, x0, y1, x1 = (float(v) for v in box)
+    height, width = maps.shape[1:]
+    if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+        raise ValueError(f"box {tuple(box)} is not a non-empty part of the {height}x{width} grid")
+    out_h, out_w = _as_hw(out_hw, "out_hw")
+    rows = _bilinear_weights(out_h, y0, y1, height)
+    cols = _bilinear_weights(out_w, x0, x1, width)
+    resized = np.einsum("oh,nhw,pw->nop", rows, maps.astype(np.float64), cols)
+    return resize_maps(resized.astype(np.float32), (out_h, out_w), sigma)
+
+
 def scale_sigma(
     sigma_input_px: float, input_size: int | Sequence[int], out_hw: int | Sequence[int]
 ) -> tuple[float, float]:
     """Convert a smoothing sigma stated at the backbone input size to output pixels.
 
-    The backbone sees every image resized to ``input_size`` without keeping the aspect ratio, so
-    a Gaussian of ``sigma_input_px`` there covers ``sigma_input_px * out_h / in_h`` rows and
-    ``sigma_input_px * out_w / in_w`` columns of a map of size ``out_hw``: e.g. 4 px at 380 px is
-    (5.05, 5.05) px on a 480x480 ground truth and 0.505 cells on the 48x48 feature grid.
+    With ``aspect="squash"`` the backbone sees every image resized to ``input_size`` without
+    keeping the aspect ratio, so a Gaussian of ``sigma_input_px`` there covers
+    ``sigma_input_px * out_h / in_h`` rows and ``sigma_input_px * out_w / in_w`` columns of a
+    map of size ``out_hw``: e.g. 4 px at 380 px is (5.05, 5.05) px on a 480x480 ground truth and
+    0.505 cells on the 48x48 feature grid.
+    For padded or tiled images pass the image's size on the input, (height, width) of its box.
     """
     in_h, in_w = _as_hw(input_size, "input_size")
     out_h, out_w = _as_hw(out_hw, "out_hw")
