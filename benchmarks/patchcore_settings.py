@@ -83,6 +83,41 @@ SETTINGS: dict[str, dict] = {
         "coreset_ratio": 0.01,
         "index": "flat",
     },
+    "b45_stride32_coreset15_flat": {
+        "stages": ["blocks.4", "blocks.5"],
+        "grid_stage": "blocks.5",
+        "coreset_ratio": 0.15,
+        "index": "flat",
+    },
+    "b45_stride32_coreset20_flat": {
+        "stages": ["blocks.4", "blocks.5"],
+        "grid_stage": "blocks.5",
+        "coreset_ratio": 0.2,
+        "index": "flat",
+    },
+    "b45_stride32_coreset25_flat": {
+        "stages": ["blocks.4", "blocks.5"],
+        "grid_stage": "blocks.5",
+        "coreset_ratio": 0.25,
+        "index": "flat",
+    },
+    "b45_stride32_proj128_coreset20_flat": {
+        "stages": ["blocks.4", "blocks.5"],
+        "grid_stage": "blocks.5",
+        "projection_dim": 128,
+        "coreset_ratio": 0.2,
+        "index": "flat",
+    },
+    "b45_stride32_proj128_coreset25_flat": {
+        "stages": ["blocks.4", "blocks.5"],
+        "grid_stage": "blocks.5",
+        "projection_dim": 128,
+        "coreset_ratio": 0.25,
+        "index": "flat",
+    },
+    # All three stages on the stride-32 grid (blocks.2 and blocks.4 area-averaged onto it).
+    "stride32_coreset10_flat": {"grid_stage": "blocks.5", "coreset_ratio": 0.1, "index": "flat"},
+    "stride32_coreset25_flat": {"grid_stage": "blocks.5", "coreset_ratio": 0.25, "index": "flat"},
 }
 
 
