@@ -6,7 +6,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from scipy.linalg.blas import strmm
 
 from sroc.detectors import base
@@ -141,18 +140,14 @@ class PaDiMDetector(BaseDetector):
 
         def fit_block(block: slice) -> None:
             x = self._gather(samples, block)  # (L, n, d), centred
-            gram = np.matmul(x.transpose(0, 2, 1), x)
+            scatter = np.matmul(x.transpose(0, 2, 1), x)
             sq_norms = np.einsum("lnd,lnd->ln", x, x).astype(np.float64)
-            cov, shrinkage = shrunk_covariance(
-                torch.from_numpy(gram) / self.n_train_,
-                torch.from_numpy((sq_norms**2).sum(-1)),
-                self.n_train_,
-                self.reg_covar,
+            cov, self.shrinkages_[block] = shrunk_covariance(
+                scatter, (sq_norms**2).sum(-1), self.n_train_, self.reg_covar
             )
-            self.whitenings_[block] = inverse_cholesky(
-                cov.numpy(), f"locations {block.start}-{block.stop - 1}"
+            inverse_cholesky(
+                cov, f"locations {block.start}-{block.stop - 1}", out=self.whitenings_[block]
             )
-            self.shrinkages_[block] = shrinkage.numpy()
 
         self._run_chunks(fit_block, locations, self._chunk_locations(dim, self.n_train_))
 
