@@ -71,49 +71,16 @@ SETTINGS: dict[str, dict] = {
         "index": "flat",
     },
     # A stride-32 grid: blocks.4 area-averaged onto blocks.5's grid, 4x fewer patches.
-    "b45_stride32_coreset10_flat": {
-        "stages": ["blocks.4", "blocks.5"],
-        "grid_stage": "blocks.5",
-        "coreset_ratio": 0.1,
-        "index": "flat",
-    },
-    "b45_stride32_coreset1_flat": {
-        "stages": ["blocks.4", "blocks.5"],
-        "grid_stage": "blocks.5",
-        "coreset_ratio": 0.01,
-        "index": "flat",
-    },
-    "b45_stride32_coreset15_flat": {
-        "stages": ["blocks.4", "blocks.5"],
-        "grid_stage": "blocks.5",
-        "coreset_ratio": 0.15,
-        "index": "flat",
-    },
-    "b45_stride32_coreset20_flat": {
-        "stages": ["blocks.4", "blocks.5"],
-        "grid_stage": "blocks.5",
-        "coreset_ratio": 0.2,
-        "index": "flat",
-    },
-    "b45_stride32_coreset25_flat": {
-        "stages": ["blocks.4", "blocks.5"],
-        "grid_stage": "blocks.5",
-        "coreset_ratio": 0.25,
-        "index": "flat",
-    },
-    "b45_stride32_proj128_coreset20_flat": {
-        "stages": ["blocks.4", "blocks.5"],
-        "grid_stage": "blocks.5",
-        "projection_dim": 128,
-        "coreset_ratio": 0.2,
-        "index": "flat",
-    },
-    "b45_stride32_proj128_coreset25_flat": {
-        "stages": ["blocks.4", "blocks.5"],
-        "grid_stage": "blocks.5",
-        "projection_dim": 128,
-        "coreset_ratio": 0.25,
-        "index": "flat",
+    **{
+        f"b45_stride32{'_proj128' if projected else ''}_coreset{round(100 * ratio)}_flat": {
+            "stages": ["blocks.4", "blocks.5"],
+            "grid_stage": "blocks.5",
+            **({"projection_dim": 128} if projected else {}),
+            "coreset_ratio": ratio,
+            "index": "flat",
+        }
+        for projected, ratios in ((False, (0.1, 0.01, 0.15, 0.2, 0.25)), (True, (0.2, 0.25)))
+        for ratio in ratios
     },
     # All three stages on the stride-32 grid (blocks.2 and blocks.4 area-averaged onto it).
     "stride32_coreset10_flat": {"grid_stage": "blocks.5", "coreset_ratio": 0.1, "index": "flat"},
