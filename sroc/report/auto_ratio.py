@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from sroc.report.stats import paired_difference
-from sroc.report.tables import MEAN, seed_values
+from sroc.report.tables import seed_means
 
 AUTO_RATIO_COLUMNS = [
     "detector", "ranking", "metric", "pollution_ratio", "n_seeds", "auto_ratio", "auto",
@@ -27,11 +27,6 @@ AUTO_RATIO_COLUMNS = [
 ]  # fmt: skip
 # The rankings that sroc_auto can be held against, the one it uses first.
 FIXED_RANKINGS = ("sroc_loo", "sroc")
-
-
-def _seed_means(runs: pd.DataFrame, metric: str, by: list[str]) -> pd.Series:
-    values = seed_values(runs, metric, by)
-    return values[values["category"] == MEAN].set_index([*by, "seed"])[metric]
 
 
 def auto_ratio_table(runs: pd.DataFrame, metric: str = "image_auroc") -> pd.DataFrame:
@@ -44,11 +39,11 @@ def auto_ratio_table(runs: pd.DataFrame, metric: str = "image_auroc") -> pd.Data
         if auto.empty or ranking is None:
             continue
         fixed = own[own["strategy"] == ranking]
-        per_ratio = _seed_means(fixed, metric, ["refinement_ratio"])
+        per_ratio = seed_means(fixed, metric, ["refinement_ratio"])
         means = per_ratio.groupby(level="refinement_ratio").mean()
         best_ratio = float(means.idxmax())
         best = per_ratio.xs(best_ratio, level="refinement_ratio")
-        auto_values = _seed_means(auto, metric, [])  # each cell has its own estimated ratio
+        auto_values = seed_means(auto, metric, [])  # each cell has its own estimated ratio
         unrefined = per_ratio.xs(0.0, level="refinement_ratio") if 0.0 in means.index else None
         difference = paired_difference(auto_values, best)
         rows.append(

@@ -23,17 +23,12 @@ import numpy as np
 import pandas as pd
 
 from sroc.report.stats import paired_difference
-from sroc.report.tables import MEAN, seed_values
+from sroc.report.tables import seed_means
 
 RECOVERY_COLUMNS = [
     "detector", "strategy", "metric", "pollution_ratio", "refinement_ratio", "n_seeds",
     "clean", "polluted", "refined", "lost", "recovery", "gain_ci_low", "gain_ci_high", "f1",
 ]  # fmt: skip
-
-
-def _seed_means(runs: pd.DataFrame, metric: str, by: list[str]) -> pd.Series:
-    values = seed_values(runs, metric, by)
-    return values[values["category"] == MEAN].set_index([*by, "seed"])[metric]
 
 
 def recovery_table(
@@ -45,8 +40,8 @@ def recovery_table(
         return pd.DataFrame(columns=RECOVERY_COLUMNS)
     pollution = float(refined_runs["pollution_ratio"].iloc[0])
     curve = runs[runs["strategy"] == "none"]
-    clean = _seed_means(curve[np.isclose(curve["pollution_ratio"], 0.0)], metric, ["detector"])
-    polluted = _seed_means(
+    clean = seed_means(curve[np.isclose(curve["pollution_ratio"], 0.0)], metric, ["detector"])
+    polluted = seed_means(
         curve[np.isclose(curve["pollution_ratio"], pollution)], metric, ["detector"]
     )
     at_p = refined_runs[
@@ -59,8 +54,8 @@ def recovery_table(
             frame["strategy"],
         )
     )
-    refined = _seed_means(at_p, metric, ["detector", "label"])
-    f1 = _seed_means(at_p, "f1", ["detector", "label"]).sort_index()
+    refined = seed_means(at_p, metric, ["detector", "label"])
+    f1 = seed_means(at_p, "f1", ["detector", "label"]).sort_index()
     ratios = at_p.groupby(["detector", "label"])["refinement_ratio"].mean()
     rows = []
     for (detector, label), values in refined.groupby(level=["detector", "label"], sort=False):

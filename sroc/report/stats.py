@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from sroc.report.tables import MEAN, refiner_runs, seed_values
+from sroc.report.tables import refiner_runs, seed_means
 
 STAT_COLUMNS = ["n_seeds", "mean_difference", "std_difference", "ci_low", "ci_high"]
 
@@ -37,12 +37,6 @@ def paired_difference(a: pd.Series, b: pd.Series, confidence: float = 0.95) -> d
     }
 
 
-def _per_seed(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Category means per detector and seed (the mean row of the paper's tables)."""
-    values = seed_values(runs, metric, ["detector"])
-    return values[values["category"] == MEAN].set_index(["detector", "seed"])[metric]
-
-
 def _at_ratio(runs: pd.DataFrame, column: str, ratio: float) -> pd.DataFrame:
     return runs[np.isclose(runs[column].to_numpy(), ratio)]
 
@@ -63,8 +57,8 @@ def refinement_gains(
         if subset.empty:
             continue
         pollution = float(subset["pollution_ratio"].iloc[0])
-        after = _per_seed(_at_ratio(subset, "refinement_ratio", pollution), metric)
-        before = _per_seed(_at_ratio(subset, "refinement_ratio", 0.0), metric)
+        after = seed_means(_at_ratio(subset, "refinement_ratio", pollution), metric, ["detector"])
+        before = seed_means(_at_ratio(subset, "refinement_ratio", 0.0), metric, ["detector"])
         for detector in subset["detector"].unique():
             if detector not in after.index or detector not in before.index:
                 continue
@@ -94,8 +88,8 @@ def refiner_gains(
             rows, columns=["claim", "comparison", "detector", "metric", *STAT_COLUMNS]
         )
     pollution = float(by_refiner["pollution_ratio"].iloc[0])
-    refined = _per_seed(_at_ratio(by_refiner, "refinement_ratio", pollution), metric)
-    reference = _per_seed(_at_ratio(sroc, "refinement_ratio", pollution), metric)
+    refined = seed_means(_at_ratio(by_refiner, "refinement_ratio", pollution), metric, ["detector"])
+    reference = seed_means(_at_ratio(sroc, "refinement_ratio", pollution), metric, ["detector"])
     for detector in by_refiner["detector"].unique():
         if detector not in reference.index:
             continue
@@ -120,8 +114,8 @@ def robustness_differences(
     less."""
     curve = runs[runs["strategy"] == "none"]
     high = float(curve["pollution_ratio"].max()) if high is None else high
-    drop = _per_seed(_at_ratio(curve, "pollution_ratio", low), metric) - _per_seed(
-        _at_ratio(curve, "pollution_ratio", high), metric
+    drop = seed_means(_at_ratio(curve, "pollution_ratio", low), metric, ["detector"]) - seed_means(
+        _at_ratio(curve, "pollution_ratio", high), metric, ["detector"]
     )
     rows = []
     for first, second in combinations(list(curve["detector"].unique()), 2):

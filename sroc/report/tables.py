@@ -86,6 +86,13 @@ def seed_values(runs: pd.DataFrame, metric: str, by: Sequence[str]) -> pd.DataFr
     return pd.concat([per_category, means.assign(category=MEAN)], ignore_index=True)
 
 
+def seed_means(runs: pd.DataFrame, metric: str, by: Sequence[str]) -> pd.Series:
+    """``metric`` averaged over categories per ``by`` and seed (the paper's "Mean" row), indexed
+    by ``(*by, seed)``."""
+    values = seed_values(runs, metric, by)
+    return values[values["category"] == MEAN].set_index([*by, "seed"])[metric]
+
+
 def seed_statistics(runs: pd.DataFrame, metric: str, by: Sequence[str]) -> pd.DataFrame:
     """Mean, standard deviation (ddof 1) and number of seeds of ``metric`` per ``by`` and
     category, the category ``mean`` included."""
