@@ -496,7 +496,10 @@ def main(argv: list[str] | None = None) -> None:
                 "refiner", refinement["refiner"], dict(refinement["refiner_params"] or {}), 1
             )
         ],
-        "consensus": [DetectorSpec(m, m, {}, 1) for m in refinement["consensus"]],
+        "consensus": [
+            DetectorSpec(m, m, dict(refinement["consensus_params"].get(m) or {}), 1)
+            for m in refinement["consensus"]
+        ],
     }
     cell_totals = {}
     for cell in cells:

@@ -66,6 +66,7 @@ REFINEMENT_DEFAULTS = {
     "refiner_params": {},
     "iterative_steps": 3,
     "consensus": ["knn", "mahalanobis", "padim"],
+    "consensus_params": {},
 }
 
 

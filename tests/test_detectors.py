@@ -269,11 +269,20 @@ def test_ledoit_wolf_matches_scikit_learn(n_samples):
 # ---------------------------------------------------------------------------------------------
 
 
-def ref_knn(train, test, k, metric, gallery, kappa, exclude_self=False):
+def ref_onto_grid(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(n, C, h, w) maps on a (height, width) grid: integer blocks averaged when finer,
+    replicated when coarser."""
+    n, c, h, w = maps.shape
+    if h > height:
+        return maps.reshape(n, c, height, h // height, width, w // width).mean(axis=(3, 5))
+    return ref_nearest(maps, height, width)
+
+
+def ref_knn(train, test, k, metric, gallery, kappa, exclude_self=False, grid_stage="s1"):
     stages = list(train)
     train_embed, test_embed = ref_gap(train, stages), ref_gap(test, stages)
-    height, width = train["s1"].shape[2:]
-    align = lambda f: np.concatenate([ref_nearest(f[s], height, width) for s in stages], axis=1)  # noqa: E731
+    height, width = train[grid_stage].shape[2:]
+    align = lambda f: np.concatenate([ref_onto_grid(f[s], height, width) for s in stages], axis=1)  # noqa: E731
     train_patches, test_patches = ref_patches(align(train)), ref_patches(align(test))
     scores, maps = [], []
     for i in range(len(test_embed)):
@@ -308,6 +317,23 @@ def test_knn_matches_reference(train, test, metric, gallery, kappa):
     assert maps.shape == (5, 8, 8)
     assert_close(scores, expected_scores)
     assert_close(maps, expected_maps)
+
+
+@pytest.mark.parametrize("grid_stage", ["s2", "s3"])
+def test_knn_maps_on_a_coarser_grid_match_reference(train, test, grid_stage):
+    """grid_stage puts the maps on a coarser stage's grid, finer stages area-averaged onto it;
+    the image scores are those of the finest grid."""
+    fine_scores, _ = KNNDetector(n_neighbors=5).fit(train).score(test)
+    scores, maps = KNNDetector(n_neighbors=5, grid_stage=grid_stage).fit(train).score(test)
+    expected_scores, expected_maps = ref_knn(
+        train, test, 5, "euclidean", "all_locations", 1, grid_stage=grid_stage
+    )
+    assert maps.shape == (5, *train[grid_stage].shape[2:])
+    assert_close(scores, fine_scores)
+    assert_close(scores, expected_scores)
+    assert_close(maps, expected_maps)
+    with pytest.raises(ValueError, match="grid_stage='s9' is not among the used stages"):
+        KNNDetector(grid_stage="s9").fit(train)
 
 
 def test_knn_on_its_training_set_finds_itself_unless_excluded(train):

@@ -79,6 +79,11 @@ def test_invalid_config_is_refused_with_the_key_named(tmp_path):
     result = snakemake(tmp_path, config, "--dry-run", check=False)
     assert result.returncode != 0
     assert "imagenet" in result.stdout + result.stderr
+    config = default_config()
+    config.setdefault("refinement", {})["consensus_params"] = {"padim": {"n_feature": 100}}
+    result = snakemake(tmp_path, config, "--dry-run", check=False)
+    assert result.returncode != 0
+    assert "refinement.consensus_params.padim" in result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")

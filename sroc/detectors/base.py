@@ -61,21 +61,29 @@ def _upsample(maps: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
 
 
 def align_stages(
-    features: Mapping[str, np.ndarray], stages: Sequence[str], mode: str = "nearest"
+    features: Mapping[str, np.ndarray],
+    stages: Sequence[str],
+    mode: str = "nearest",
+    grid: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Upsample the given stages to the finest grid among them and concatenate their channels.
+    """Bring the given stages onto one grid and concatenate their channels.
 
-    Returns float32 (n, sum of C, H, W), channels in the order of ``stages``. ``mode`` is
+    The grid is the finest among the stages, or ``grid`` when given: stages finer than it are
+    area-averaged onto it (adaptive average pooling), coarser ones upsampled. Returns float32
+    (n, sum of C, H, W), channels in the order of ``stages``. ``mode`` is the upsampling,
     "nearest" (PaDiM) or "bilinear" with half-pixel centres (PatchCore).
     """
     if mode not in _UPSAMPLE_MODES:
         raise ValueError(f"upsample mode must be one of {_UPSAMPLE_MODES}, got {mode!r}")
-    grid = max((features[s].shape[-2:] for s in stages), key=lambda hw: hw[0] * hw[1])
+    if grid is None:
+        grid = max((features[s].shape[-2:] for s in stages), key=lambda hw: hw[0] * hw[1])
     grid = (int(grid[0]), int(grid[1]))
-    parts = [
-        _upsample(torch.from_numpy(np.asarray(features[s], dtype=np.float32)), grid, mode)
-        for s in stages
-    ]
+    parts = []
+    for stage in stages:
+        maps = torch.from_numpy(np.asarray(features[stage], dtype=np.float32))
+        if maps.shape[-2] > grid[0]:
+            maps = F.adaptive_avg_pool2d(maps, grid)
+        parts.append(_upsample(maps, grid, mode))
     return torch.cat(parts, dim=1).numpy()
 
 

@@ -47,6 +47,8 @@ validate_params(
     REFINEMENT["refiner_params"],
     "config refinement.refiner_params",
 )
+for member, params in REFINEMENT["consensus_params"].items():
+    validate_params(member, params, f"config refinement.consensus_params.{member}")
 if REFINEMENT["strategies"] and (
     REFINEMENT["pollution_ratio"] > config["pollution"]["set_fraction"] + 1e-9
 ):

@@ -33,7 +33,11 @@ rule rank:
         n_folds=REFINEMENT["n_folds"],
         iterative_steps=REFINEMENT["iterative_steps"],
         consensus=[
-            {"type": member, "params": {}, "random_state": RANDOM_STATE}
+            {
+                "type": member,
+                "params": REFINEMENT["consensus_params"].get(member, {}),
+                "random_state": RANDOM_STATE,
+            }
             for member in REFINEMENT["consensus"]
         ],
         unrefined_rows=0.0 in REFINEMENT["ratios"],
