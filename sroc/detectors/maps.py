@@ -98,7 +98,9 @@ def crop_resize_maps(
     out_h, out_w = _as_hw(out_hw, "out_hw")
     rows = _bilinear_weights(out_h, y0, y1, height)
     cols = _bilinear_weights(out_w, x0, x1, width)
-    resized = np.einsum("oh,nhw,pw->nop", rows, maps.astype(np.float64), cols)
+    # Two matrix products: a three-operand einsum loops over every (o, h, w, p) combination,
+    # 550 M multiply-adds for a 48 x 48 map to 600 x 400 pixels.
+    resized = rows @ maps.astype(np.float64) @ cols.T
     return resize_maps(resized.astype(np.float32), (out_h, out_w), sigma)
 
 
