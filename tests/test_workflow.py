@@ -86,6 +86,33 @@ def test_invalid_config_is_refused_with_the_key_named(tmp_path):
     assert "refinement.consensus_params.padim" in result.stdout + result.stderr
 
 
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def merged(base: dict, overlay: dict) -> dict:
+    """``overlay`` over ``base`` as --configfile layers them: mappings merged, the rest replaced."""
+    out = dict(base)
+    for key, value in overlay.items():
+        both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both_dicts else value
+    return out
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
+@pytest.mark.parametrize("overlay, cells", [(None, 12 * 5 * 4), ("shared_magnetic_tile", 5 * 4)])
+def test_shared_configs_plan_the_recovery_measurement(tmp_path, overlay, cells):
+    """config/shared.yaml (piped) and its magnetic_tile layer plan the grid and the recovery,
+    auto-ratio outputs on the data with masks."""
+    config = yaml.safe_load((REPO / "config" / "shared.yaml").read_text())
+    if overlay:
+        config = merged(config, yaml.safe_load((REPO / "config" / f"{overlay}.yaml").read_text()))
+    root = Path(config["dataset"]["folder"]["root"])
+    config["dataset"]["folder"]["root"] = str((REPO / root).resolve())
+    jobs = planned_jobs(snakemake(tmp_path, config, "--dry-run").stdout)
+    assert jobs["rank"] == cells and jobs["refine"] == 3 * cells
+    assert jobs["table_recovery"] == 1 and jobs["table_auto_ratio"] == 1
+
+
 @pytest.fixture(scope="module")
 def mvtec_like_root(tmp_path_factory):
     """A small folder in MVTec layout with the 15 MVTec AD category names."""
