@@ -60,6 +60,13 @@ def _upsample(maps: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
+def _onto_grid(maps: torch.Tensor, grid: tuple[int, int], mode: str) -> torch.Tensor:
+    """(n, C, h, w) maps on ``grid``: area-averaged when finer, upsampled (``mode``) otherwise."""
+    if maps.shape[-2] > grid[0]:
+        maps = F.adaptive_avg_pool2d(maps, grid)
+    return _upsample(maps, grid, mode)
+
+
 def align_stages(
     features: Mapping[str, np.ndarray],
     stages: Sequence[str],
@@ -78,12 +85,10 @@ def align_stages(
     if grid is None:
         grid = max((features[s].shape[-2:] for s in stages), key=lambda hw: hw[0] * hw[1])
     grid = (int(grid[0]), int(grid[1]))
-    parts = []
-    for stage in stages:
-        maps = torch.from_numpy(np.asarray(features[stage], dtype=np.float32))
-        if maps.shape[-2] > grid[0]:
-            maps = F.adaptive_avg_pool2d(maps, grid)
-        parts.append(_upsample(maps, grid, mode))
+    parts = [
+        _onto_grid(torch.from_numpy(np.asarray(features[s], dtype=np.float32)), grid, mode)
+        for s in stages
+    ]
     return torch.cat(parts, dim=1).numpy()
 
 

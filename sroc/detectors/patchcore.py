@@ -18,8 +18,8 @@ from sroc.detectors.base import (
     _UPSAMPLE_MODES,
     BaseDetector,
     _gap_embedding,
+    _onto_grid,
     _thread_limit,
-    _upsample,
 )
 from sroc.detectors.neighbours import (
     _apply_metric,
@@ -255,10 +255,7 @@ class PatchCoreDetector(BaseDetector):
                     maps.permute(0, 2, 3, 1).reshape(-1, 1, maps.shape[1]), self.layer_dim
                 )
                 maps = pooled.reshape(n, h, w, self.layer_dim).permute(0, 3, 1, 2)
-            if maps.shape[-2] > height:
-                # A finer stage is area-averaged onto a coarser patch grid.
-                maps = F.adaptive_avg_pool2d(maps, (height, width))
-            parts.append(_upsample(maps, (height, width), self.upsample))
+            parts.append(_onto_grid(maps, (height, width), self.upsample))
         patches = (
             torch.cat(parts, dim=1).permute(0, 2, 3, 1).reshape(-1, sum(p.shape[1] for p in parts))
         )
