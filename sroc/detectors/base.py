@@ -245,6 +245,16 @@ class BaseDetector(BaseEstimator):
         grid = max(shapes.values(), key=lambda chw: chw[1] * chw[2])
         return grid[1] * grid[2], sum(chw[0] for chw in shapes.values())
 
+    def _use_grid_stage(self, features: Mapping[str, np.ndarray], grid_stage: str | None) -> None:
+        """Put the maps on ``grid_stage``'s grid (None keeps the finest stage's, set by fit)."""
+        if grid_stage is None:
+            return
+        if grid_stage not in self.stages_:
+            raise ValueError(
+                f"grid_stage={grid_stage!r} is not among the used stages {self.stages_}"
+            )
+        self.grid_hw_ = tuple(int(v) for v in features[grid_stage].shape[-2:])
+
     def _check_self_scoring(self, embeddings: np.ndarray) -> None:
         """With exclude_self, score() must receive the training features themselves."""
         if embeddings.shape != self.train_embeddings_.shape or not np.array_equal(

@@ -80,12 +80,7 @@ class KNNDetector(BaseDetector):
             raise ValueError(
                 f"gallery must be 'all_locations' or 'same_location', got {self.gallery!r}"
             )
-        if self.grid_stage is not None:
-            if self.grid_stage not in self.stages_:
-                raise ValueError(
-                    f"grid_stage={self.grid_stage!r} is not among the used stages {self.stages_}"
-                )
-            self.grid_hw_ = tuple(int(v) for v in features[self.grid_stage].shape[-2:])
+        self._use_grid_stage(features, self.grid_stage)
         available = self.n_train_ - 1 if self.exclude_self else self.n_train_
         if not 1 <= self.n_neighbors <= available:
             raise ValueError(

@@ -275,10 +275,6 @@ class PatchCoreDetector(BaseDetector):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive int or None, got {value}")
-        if self.grid_stage is not None and self.grid_stage not in self.stages_:
-            raise ValueError(
-                f"grid_stage={self.grid_stage!r} is not among the used stages {self.stages_}"
-            )
         _check_metric(self.metric)
         if self.index not in ("ivfflat", "flat"):
             raise ValueError(f"index must be 'ivfflat' or 'flat', got {self.index!r}")
@@ -296,8 +292,7 @@ class PatchCoreDetector(BaseDetector):
     def _fit(self, features: dict[str, np.ndarray]) -> None:
         total_dim = self._concatenated_dim([features[s].shape[1] for s in self.stages_])
         self._check_params(total_dim)
-        if self.grid_stage is not None:
-            self.grid_hw_ = tuple(int(v) for v in features[self.grid_stage].shape[-2:])
+        self._use_grid_stage(features, self.grid_stage)
         self.train_embeddings_ = _gap_embedding(features, self.stages_)
         locations = self.grid_hw_[0] * self.grid_hw_[1]
         dim = total_dim if self.target_dim is None else int(self.target_dim)
