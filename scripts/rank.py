@@ -1,13 +1,16 @@
-"""Rule rank: the robustness curve, the rankings of the polluted training set and the oracle of
-one (detector, category, seed)."""
+"""Rule rank: the robustness curve, the rankings of the polluted training set and the single-run
+strategies' runs of one (detector, category, seed)."""
 
-from sroc import grid, runs
+from sroc import experiment, runs
+from sroc.config import DetectorSpec
 from sroc.logs import rule_logging
+from sroc.plugins import load_plugins
 
 with rule_logging(snakemake.log[0]) as log:
-    detector = grid.DetectorSpec(**snakemake.params.detector, n_jobs=snakemake.threads)
-    refiner = grid.DetectorSpec(**snakemake.params.refiner, n_jobs=snakemake.threads)
-    job = grid.CellJob.load(
+    load_plugins(snakemake.params.plugins)
+    threads = snakemake.threads
+    detector = DetectorSpec(**snakemake.params.detector, n_jobs=threads)
+    job = experiment.CellJob.load(
         snakemake.input.manifest,
         snakemake.input.info,
         snakemake.input.cache,
@@ -16,24 +19,23 @@ with rule_logging(snakemake.log[0]) as log:
     )
     fitted, rankings, rows = [], [], []
     if job.cell is not None:
-        fitted, rankings = grid.unrefined_runs_and_rankings(
+        fitted, rankings = experiment.unrefined_runs_and_rankings(
             job.cell,
             detector,
-            refiner,
             job.evaluation,
             pollution_ratios=snakemake.params.pollution_ratios,
             refined_ratio=snakemake.params.refined_ratio,
-            strategies=snakemake.params.strategies,
-            n_folds=snakemake.params.n_folds,
-            rng_seed=grid.strategy_seed(snakemake.wildcards.category, job.info["seed"]),
-            iterative_steps=snakemake.params.iterative_steps,
+            strategy_names=snakemake.params.strategies,
+            rng_seed=experiment.strategy_seed(snakemake.wildcards.category, job.info["seed"]),
+            refiner=DetectorSpec(**snakemake.params.refiner, n_jobs=threads),
             consensus=[
-                grid.DetectorSpec(**member, n_jobs=snakemake.threads)
-                for member in snakemake.params.consensus
+                DetectorSpec(**member, n_jobs=threads) for member in snakemake.params.consensus
             ],
+            settings=snakemake.params.settings,
+            strategy_params=snakemake.params.strategy_params,
         )
         unrefined = rankings if snakemake.params.unrefined_rows else []
-        rows = grid.result_rows(fitted, job.evaluation, unrefined)
+        rows = experiment.result_rows(fitted, job.evaluation, unrefined)
     name = snakemake.wildcards.detector
     runs.write_scores(snakemake.output.scores, job.attrs(name, detector), fitted, rankings)
     job.write_rows(snakemake.output.metrics, rows, name, detector)

@@ -1,12 +1,15 @@
 """Rule refine: at one refinement ratio, refit on what every ranking keeps and score the test
 set, for one (detector, category, seed)."""
 
-from sroc import grid, runs
+from sroc import experiment, runs
+from sroc.config import DetectorSpec
 from sroc.logs import rule_logging
+from sroc.plugins import load_plugins
 
 with rule_logging(snakemake.log[0]) as log:
-    detector = grid.DetectorSpec(**snakemake.params.detector, n_jobs=snakemake.threads)
-    job = grid.CellJob.load(
+    load_plugins(snakemake.params.plugins)
+    detector = DetectorSpec(**snakemake.params.detector, n_jobs=snakemake.threads)
+    job = experiment.CellJob.load(
         snakemake.input.manifest,
         snakemake.input.info,
         snakemake.input.cache,
@@ -16,10 +19,10 @@ with rule_logging(snakemake.log[0]) as log:
     refitted, rows = [], []
     if job.cell is not None:
         rankings = runs.read_rankings(snakemake.input.ranked)
-        refitted = grid.refined_runs(
+        refitted = experiment.refined_runs(
             job.cell, detector, job.evaluation, rankings, snakemake.params.ratio
         )
-        rows = grid.result_rows(refitted, job.evaluation)
+        rows = experiment.result_rows(refitted, job.evaluation)
     name = snakemake.wildcards.detector
     runs.write_scores(snakemake.output.scores, job.attrs(name, detector), refitted)
     job.write_rows(snakemake.output.metrics, rows, name, detector)

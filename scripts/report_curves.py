@@ -2,9 +2,11 @@
 7-13 of the paper."""
 
 from sroc.logs import rule_logging
+from sroc.plugins import load_plugins
 from sroc.report import figures, placeholders, tables
 
 with rule_logging(snakemake.log[0]):
+    load_plugins(snakemake.params.plugins)
     runs = tables.read_runs(snakemake.input.runs)
     if runs.empty:
         placeholders.write_placeholders(snakemake.output)

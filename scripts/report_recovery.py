@@ -6,9 +6,11 @@ import pandas as pd
 from sroc import report
 from sroc.io import write_text_atomic
 from sroc.logs import rule_logging
+from sroc.plugins import load_plugins
 from sroc.report import figures, placeholders, recovery, tables
 
 with rule_logging(snakemake.log[0]):
+    load_plugins(snakemake.params.plugins)
     runs = tables.read_runs(snakemake.input.runs)
     if runs.empty:
         placeholders.write_placeholders(snakemake.output)

@@ -1,9 +1,9 @@
 """Runs and rankings of the experiment grid, and their storage.
 
 A *run* is one detector fitted on one training set and scored on the test set: the robustness
-curve's runs (strategy ``none``, one per pollution ratio), the oracle and ``sroc_auto`` (one per
-cell, at a refinement ratio of their own), and the refined runs (one per strategy and refinement
-ratio). A *ranking* is a refinement strategy's score for every image
+curve's runs (strategy ``none``, one per pollution ratio), the single-run strategies' (the oracle,
+``sroc_auto``: one per cell, at a refinement ratio of their own), and the refined runs (one per
+strategy and refinement ratio). A *ranking* is a refinement strategy's score for every image
 of the polluted training set with the order in which images are removed.
 
 A score file holds the runs of one job: per run the test image ids, their scores and, when the
@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from sroc import strategies
 from sroc.io import atomic_path
 from sroc.metrics import refinement_scores
 
@@ -74,7 +75,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        if self.strategy in ("none", "oracle", "sroc_auto"):  # one run per pollution ratio
+        if self.strategy == "none" or strategies.get(self.strategy).kind == "single_run":
+            # One run per pollution ratio.
             return f"{self.strategy}/p={self.pollution_ratio:g}"
         return f"{self.strategy}/r={self.refinement_ratio:g}"
 

@@ -37,6 +37,7 @@ __all__ = [
     "ledoit_wolf",
     "make_detector",
     "crop_resize_maps",
+    "detector_class",
     "resize_maps",
     "scale_sigma",
     "validate_params",
@@ -49,6 +50,13 @@ DETECTORS: dict[str, type[BaseDetector]] = {
     "padim": PaDiMDetector,
     "patchcore": PatchCoreDetector,
 }
+
+
+def detector_class(name: str) -> type[BaseDetector]:
+    """The detector class registered as ``name``."""
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; choose one of {sorted(DETECTORS)}")
+    return DETECTORS[name]
 
 
 def make_detector(name: str, **params) -> BaseDetector:

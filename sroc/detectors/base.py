@@ -136,6 +136,8 @@ class BaseDetector(BaseEstimator):
     stages: Sequence[str] | None
     n_jobs: int | None
     _chunked = False
+    supports_exclude_self = True
+    has_patch_bank = False
 
     def fit(self, features: Mapping[str, np.ndarray]) -> BaseDetector:
         self._is_fitted = False  # a failed fit leaves the detector unfitted

@@ -50,6 +50,8 @@ class KNNDetector(BaseDetector):
         randomness.
     """
 
+    runtime_seconds_per_image = 0.01
+
     def __init__(
         self,
         n_neighbors: int = 5,

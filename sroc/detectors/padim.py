@@ -55,6 +55,8 @@ class PaDiMDetector(BaseDetector):
     each stage's own grid, before the coarse cells are replicated onto the finest one.
     """
 
+    runtime_seconds_per_image = 0.02
+
     def __init__(
         self,
         n_features: int | None = None,

@@ -190,6 +190,9 @@ class PatchCoreDetector(BaseDetector):
     reductions change the centroids), and the coreset's products split no summed axis.
     """
 
+    has_patch_bank = True
+    runtime_seconds_per_image = 0.1
+
     def __init__(
         self,
         n_neighbors: int = 5,

@@ -18,6 +18,7 @@ import seaborn as sns  # noqa: E402
 
 from sroc.io import atomic_path  # noqa: E402
 from sroc.report.tables import MEAN, refiner_runs, seed_values  # noqa: E402
+from sroc.strategies import label as strategy_label  # noqa: E402
 
 AXIS_LABELS = {
     "image_auroc": "image AUROC (%)",
@@ -28,18 +29,6 @@ AXIS_LABELS = {
     "f1": "refinement F1 (%)",
 }
 PERCENT = ("image_auroc", "precision", "recall", "f1")
-STRATEGY_NAMES = {
-    "sroc": "SROC",
-    "random": "random",
-    "cross_validation": "cross-validation",
-    "stoc": "STOC",
-    "by_refiner": "SROC ranked by the refiner",
-    "sroc_loo": "SROC, leave-one-out",
-    "iterative_sroc": "iterative SROC",
-    "consensus": "consensus of detectors",
-    "sroc_auto": "SROC, ratio from the data",
-    "patch_sroc": "SROC, patch-level (PatchCore)",
-}
 POLLUTION_AXIS = "pollution of the training set (%)"
 REFINEMENT_AXIS = "share of the training set removed by refinement (%)"
 ORACLE_NOTE = "dashed: oracle (fitted on the healthy part only)"
@@ -157,14 +146,14 @@ def plot_strategies(
     refined = runs[runs["strategy"].isin(strategies)]
     detectors = list(refined["detector"].unique())
     present = [s for s in strategies if s in set(refined["strategy"])]
-    colours = _palette([STRATEGY_NAMES.get(s, s) for s in present])
+    colours = _palette([strategy_label(s) for s in present])
     n_columns = min(len(detectors), 2)
     n_rows = int(np.ceil(len(detectors) / n_columns))
     figure, axes = plt.subplots(
         n_rows, n_columns, figsize=(5.5 * n_columns, 3.8 * n_rows), squeeze=False, sharex=True
     )
     means = category_means(refined, metric, ["detector", "strategy", "refinement_ratio"])
-    means["strategy"] = means["strategy"].map(lambda s: STRATEGY_NAMES.get(s, s))
+    means["strategy"] = means["strategy"].map(lambda s: strategy_label(s))
     for axis, detector in zip(axes.flat, detectors, strict=False):
         _lines(
             axis,
@@ -218,7 +207,7 @@ def plot_recovery(table: pd.DataFrame, paths: Sequence[str]):
         axis.axhline(100, color="grey", linewidth=0.8, linestyle="--")
         axis.set_xticks(np.arange(len(strategies)))
         axis.set_xticklabels(
-            [STRATEGY_NAMES.get(s, s) for s in strategies], rotation=35, ha="right", fontsize=8
+            [strategy_label(s) for s in strategies], rotation=35, ha="right", fontsize=8
         )
         axis.set(
             title=f"{AXIS_LABELS.get(metric, metric).split(' (')[0]} lost to pollution",

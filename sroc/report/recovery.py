@@ -6,8 +6,9 @@ Per detector and strategy, on the metric averaged over categories within each se
 - ``clean``: the unrefined detector at pollution 0;
 - ``polluted``: the unrefined detector at the refined pollution ratio p;
 - ``refined``: the strategy at refinement ratio r = p, where it removes as many images as were
-  injected (the oracle removes exactly the injected ones; ``sroc_auto`` as many as it estimates,
-  its ``refinement_ratio`` being the mean over seeds and categories of that estimate);
+  injected (a single-run strategy removes its own selection: the oracle exactly the injected
+  images, ``sroc_auto`` as many as it estimates, its ``refinement_ratio`` being the mean over
+  seeds and categories of that estimate);
 - ``recovery = (refined - polluted) / (clean - polluted)``: 1 wins back everything, 0 nothing,
   a negative value makes things worse, above 1 beats the clean training set.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from sroc import strategies
 from sroc.report.stats import paired_difference
 from sroc.report.tables import seed_means
 
@@ -45,12 +47,12 @@ def recovery_table(
         curve[np.isclose(curve["pollution_ratio"], pollution)], metric, ["detector"]
     )
     at_p = refined_runs[
-        refined_runs["strategy"].isin(["oracle", "sroc_auto"])
+        refined_runs["strategy"].map(strategies.is_single_run)
         | np.isclose(refined_runs["refinement_ratio"], pollution)
     ].assign(
         label=lambda frame: np.where(
-            frame["strategy"] == "by_refiner",
-            "by_refiner (" + frame["refiner"].astype(str) + ")",
+            frame["strategy"].map(lambda s: strategies.get(s).uses_refiner),
+            frame["strategy"] + " (" + frame["refiner"].astype(str) + ")",
             frame["strategy"],
         )
     )

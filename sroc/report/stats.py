@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from sroc import strategies
 from sroc.report.tables import refiner_runs, seed_means
 
 STAT_COLUMNS = ["n_seeds", "mean_difference", "std_difference", "ci_low", "ci_high"]
@@ -37,6 +38,15 @@ def paired_difference(a: pd.Series, b: pd.Series, confidence: float = 0.95) -> d
     }
 
 
+def _has_ratio_curve_of_its_own(name: str) -> bool:
+    """A strategy refined at every ratio and ranked by the detector itself (the refiner's
+    rankings are compared in :func:`refiner_gains`)."""
+    if name == "none":
+        return False
+    strategy = strategies.get(name)
+    return strategy.has_ratio_curve and not strategy.uses_refiner
+
+
 def _at_ratio(runs: pd.DataFrame, column: str, ratio: float) -> pd.DataFrame:
     return runs[np.isclose(runs[column].to_numpy(), ratio)]
 
@@ -47,13 +57,13 @@ def refinement_gains(
     """The claim "refinement helps": per detector and strategy, the metric after removing as
     many images as were injected (refinement ratio = pollution ratio) minus the unrefined
     detector's (refinement ratio 0 of the same strategy)."""
-    refined = runs[~runs["strategy"].isin(["none", "oracle", "sroc_auto", "by_refiner"])]
+    refined = runs[runs["strategy"].map(_has_ratio_curve_of_its_own)]
     by_refiner, own = refiner_runs(runs, refiner)
     by_refiner = by_refiner[~by_refiner["detector"].isin(own)]  # those repeat their sroc rows
-    strategies = [(s, refined[refined["strategy"] == s]) for s in refined["strategy"].unique()]
-    strategies.append((f"by_refiner ({refiner})", by_refiner))
+    compared = [(s, refined[refined["strategy"] == s]) for s in refined["strategy"].unique()]
+    compared.append((f"by_refiner ({refiner})", by_refiner))
     rows = []
-    for strategy, subset in strategies:
+    for strategy, subset in compared:
         if subset.empty:
             continue
         pollution = float(subset["pollution_ratio"].iloc[0])

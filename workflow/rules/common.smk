@@ -8,12 +8,16 @@ min_version("9.0")
 # The library lives beside the workflow; an installed copy (pip install -e .) works the same.
 sys.path.insert(0, str(Path(workflow.basedir)))
 
+from sroc import config as sroc_config  # noqa: E402
+from sroc import strategies  # noqa: E402
 from sroc.backbones import BackboneConfig  # noqa: E402
 from sroc.data import list_categories  # noqa: E402
-from sroc.detectors import validate_params  # noqa: E402
-from sroc.grid import refinement_settings, strategies_for  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
+# Plugin files register strategies and detectors; every job loads them again (params.plugins).
+PLUGINS = [str(path) for path in config.get("plugins", [])]
+sroc_config.load_config_plugins(config)
+sroc_config.validate_config(config)
 
 DATASET = config["dataset"]
 SOURCE = DATASET["source"]
@@ -26,43 +30,11 @@ BACKBONE = BackboneConfig(
 )
 BACKBONE_TAG = BACKBONE.tag()
 DETECTORS = {detector["name"]: detector for detector in config.get("detectors", [])}
-REFINEMENT = refinement_settings(config)
+REFINEMENT = sroc_config.refinement_settings(config)
 # r = 0 is the unrefined model, fitted by the ranking job; every other ratio is a job.
 REFINED_RATIOS = [f"{r:g}" for r in sorted(REFINEMENT["ratios"]) if r > 0]
 RANDOM_STATE = config.get("random_state", 0)
 EVALUATION = {"fpr_limit": 0.3, "resolution": None, **config.get("evaluation", {})}
-
-if len(DETECTORS) != len(config.get("detectors", [])):
-    raise ValueError(
-        "config detectors: two entries share a name; give each detector a unique name"
-    )
-for position, detector in enumerate(config.get("detectors", [])):
-    validate_params(
-        detector["type"],
-        detector.get("params", {}),
-        f"config detectors[{position}] ({detector['name']})",
-    )
-validate_params(
-    REFINEMENT["refiner"],
-    REFINEMENT["refiner_params"],
-    "config refinement.refiner_params",
-)
-for member, params in REFINEMENT["consensus_params"].items():
-    validate_params(member, params, f"config refinement.consensus_params.{member}")
-if REFINEMENT["strategies"] and (
-    REFINEMENT["pollution_ratio"] > config["pollution"]["set_fraction"] + 1e-9
-):
-    raise ValueError(
-        f"config refinement.pollution_ratio is {REFINEMENT['pollution_ratio']}, above "
-        f"pollution.set_fraction {config['pollution']['set_fraction']}: the pollution set cannot "
-        "supply it; lower it or raise set_fraction"
-    )
-if max(RATIOS) > config["pollution"]["set_fraction"] + 1e-9:
-    raise ValueError(
-        f"config pollution.ratios reaches {max(RATIOS)}, above pollution.set_fraction "
-        f"{config['pollution']['set_fraction']}: the pollution set cannot supply it; lower the "
-        "ratio or raise set_fraction"
-    )
 
 
 def _configured_root(key):
@@ -135,22 +107,49 @@ def cell_path(kind, part, detector="{detector}", category="{category}", seed="{s
 
 
 def detector_spec(name):
-    """What a job needs to build the detector: type, params, random_state (not threads, which
-    Snakemake may lower to fit --cores and which no result depends on)."""
+    """What a job needs to build the detector: name, type, params, random_state (not threads,
+    which Snakemake may lower to fit --cores and which no result depends on)."""
     detector = DETECTORS[name]
     return {
+        "name": name,
         "type": detector["type"],
         "params": detector.get("params", {}),
         "random_state": RANDOM_STATE,
     }
 
 
+def spec_params(spec):
+    """A DetectorSpec as a rule param (threads come from the job)."""
+    return {
+        "name": spec.name,
+        "type": spec.type,
+        "params": dict(spec.params),
+        "random_state": spec.random_state,
+    }
+
+
 def detector_strategies(wildcards):
-    """The configured strategies that apply to the job's detector: patch_sroc refines a patch
-    memory bank, so it runs for PatchCore detectors only (sroc.grid.strategies_for)."""
-    return strategies_for(
+    """The configured strategies that apply to the job's detector: those whose required
+    capabilities the detector class has (sroc.strategies.strategies_for)."""
+    return strategies.strategies_for(
         DETECTORS[wildcards.detector]["type"], REFINEMENT["strategies"]
     )
+
+
+def strategy_settings(wildcards):
+    """The refinement keys that the job's strategies read: a change to another key (a new
+    refinement ratio, say) does not re-run the job."""
+    chosen = detector_strategies(wildcards)
+    return {key: REFINEMENT[key] for key in strategies.settings_read(chosen)}
+
+
+def own_strategy_params(wildcards):
+    """The own parameters of the job's strategies that have any."""
+    return {
+        name: sroc_config.strategy_params(config, name)
+        for name in detector_strategies(wildcards)
+        if strategies.get(name).params
+    }
 
 
 def detector_threads(wildcards):
@@ -177,27 +176,30 @@ def detector_mem_mb(wildcards, input):
     )
 
 
-# Seconds of one fit plus one test scoring per training image, measured on 2 cores with the
-# default settings (benchmarks/fit_cost.py), with a wide margin: a job that outlives its
-# runtime is killed by a cluster.
-SECONDS_PER_IMAGE_FIT = {
-    "knn": 0.01,
-    "mahalanobis": 0.005,
-    "padim": 0.02,
-    "patchcore": 0.1,
-}
-
-
 def detector_runtime(wildcards, input, attempt):
-    """Minutes one grid job may take: its number of fits times a per-image cost, x10."""
+    """Minutes one grid job may take: the strategies' fits and scorings (sroc.strategies) priced
+    by the detector class's runtime_seconds_per_image, x10 (a cluster kills a job that outlives
+    its runtime)."""
     from sroc.embeddings import cache_shapes
 
     if not Path(input.cache).exists():
         return 60
     n_images, _ = cache_shapes(input.cache)
-    per_fit = n_images * SECONDS_PER_IMAGE_FIT[DETECTORS[wildcards.detector]["type"]]
-    n_fits = len(RATIOS) + 2 * REFINEMENT["n_folds"] + 2 + len(REFINEMENT["strategies"])
-    return max(10, int(10 * attempt * n_fits * per_fit / 60))
+    detector = DETECTORS[wildcards.detector]
+    model = strategies.PerImageCost(
+        detector["type"],
+        n_images,
+        REFINEMENT,
+        sroc_config.refiner_spec(config),
+        sroc_config.consensus_specs(config),
+    )
+    chosen = detector_strategies(wildcards)
+    if "ratio" in wildcards.keys():
+        seconds = strategies.refine_job_cost(chosen, model, float(wildcards.ratio))
+    else:
+        seconds = len(RATIOS) * model.test_run(n_images)
+        seconds += strategies.rank_job_cost(chosen, model)
+    return max(10, int(10 * attempt * seconds / 60))
 
 
 def ranked_outputs(kind):

@@ -22,24 +22,14 @@ rule rank:
         runtime=detector_runtime,
     params:
         detector=lambda wildcards: detector_spec(wildcards.detector),
-        refiner={
-            "type": REFINEMENT["refiner"],
-            "params": REFINEMENT["refiner_params"],
-            "random_state": RANDOM_STATE,
-        },
+        refiner=spec_params(sroc_config.refiner_spec(config)),
         pollution_ratios=RATIOS,
         refined_ratio=REFINEMENT["pollution_ratio"],
         strategies=detector_strategies,
-        n_folds=REFINEMENT["n_folds"],
-        iterative_steps=REFINEMENT["iterative_steps"],
-        consensus=[
-            {
-                "type": member,
-                "params": REFINEMENT["consensus_params"].get(member, {}),
-                "random_state": RANDOM_STATE,
-            }
-            for member in REFINEMENT["consensus"]
-        ],
+        settings=strategy_settings,
+        strategy_params=own_strategy_params,
+        consensus=[spec_params(spec) for spec in sroc_config.consensus_specs(config)],
+        plugins=PLUGINS,
         unrefined_rows=0.0 in REFINEMENT["ratios"],
         evaluation=EVALUATION,
         input_size=BACKBONE.input_size,
@@ -67,6 +57,7 @@ rule refine:
     params:
         detector=lambda wildcards: detector_spec(wildcards.detector),
         ratio=lambda wildcards: float(wildcards.ratio),
+        plugins=PLUGINS,
         evaluation=EVALUATION,
         input_size=BACKBONE.input_size,
     script:

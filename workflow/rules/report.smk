@@ -136,6 +136,7 @@ rule figure_pollution:
         "../../envs/sroc.yaml"
     params:
         kind="pollution",
+        plugins=PLUGINS,
         metric=lambda wildcards: REPORT_METRICS[wildcards.metric],
         dataset=DATASET["name"],
     script:
@@ -161,6 +162,7 @@ rule figure_refinement:
         "../../envs/sroc.yaml"
     params:
         kind="refinement",
+        plugins=PLUGINS,
         metric=lambda wildcards: REPORT_METRICS[wildcards.metric],
         dataset=DATASET["name"],
     script:
@@ -186,6 +188,7 @@ rule figure_refiner:
         "../../envs/sroc.yaml"
     params:
         kind="refiner",
+        plugins=PLUGINS,
         metric=lambda wildcards: REPORT_METRICS[wildcards.metric],
         refiner=REFINER,
         dataset=DATASET["name"],
@@ -211,10 +214,12 @@ rule figure_strategies:
         kind="strategies",
         metric="image_auroc",
         strategies=[
-            s
-            for s in REFINEMENT_STRATEGIES
-            if s not in ("oracle", "sroc_auto", "by_refiner")
+            name
+            for name in REFINEMENT_STRATEGIES
+            if strategies.get(name).has_ratio_curve
+            and not strategies.get(name).uses_refiner
         ],
+        plugins=PLUGINS,
         dataset=DATASET["name"],
     script:
         "../../scripts/report_curves.py"
@@ -255,6 +260,7 @@ rule paired_statistics:
     params:
         metric="image_auroc",
         refiner=REFINER,
+        plugins=PLUGINS,
     script:
         "../../scripts/report_paired_statistics.py"
 
@@ -277,6 +283,7 @@ rule table_recovery:
     params:
         metrics=[m for m in REPORT_METRICS.values() if m != "au_iou"],
         min_loss=0.005,
+        plugins=PLUGINS,
     script:
         "../../scripts/report_recovery.py"
 

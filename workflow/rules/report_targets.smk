@@ -42,21 +42,28 @@ def report_targets():
         targets += figure_files(
             f"figure{POLLUTION_FIGURES[metric]}_{metric}_vs_pollution"
         )
-    strategies = set(REFINEMENT_STRATEGIES)
-    if strategies:
+    if REFINEMENT_STRATEGIES:
         targets += table_files("recovery") + figure_files("recovery")
-    if "sroc_auto" in strategies:
+    # The outputs that exist only when a strategy runs (sroc.strategies: report_outputs).
+    enabled = {
+        output
+        for name in REFINEMENT_STRATEGIES
+        for output in strategies.get(name).report_outputs
+    }
+    if "auto_ratio" in enabled:
         targets += table_files("auto_ratio")
-    if "sroc" in strategies:
+    if "table2_refinement" in enabled:
         targets += table_files("table2_refinement")
+    if "figure5_strategies" in enabled:
         targets += figure_files("figure5_strategies")
-        for metric in REPORT_METRICS:
+    if "table4_refiner" in enabled:
+        targets += table_files("table4_refiner")
+    for metric in REPORT_METRICS:
+        if "refinement_curves" in enabled:
             targets += figure_files(
                 f"figure{REFINEMENT_FIGURES[metric]}_{metric}_vs_refinement"
             )
-    if "by_refiner" in strategies:
-        targets += table_files("table4_refiner")
-        for metric in REPORT_METRICS:
+        if "refiner_curves" in enabled:
             targets += figure_files(
                 f"figure{REFINER_FIGURES[metric]}_{metric}_vs_refinement_by_refiner"
             )

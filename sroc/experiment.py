@@ -2,15 +2,15 @@
 
 Two kinds of job share the cell's work:
 
-- :func:`unrefined_runs_and_rankings` fits the detector on the training set of every pollution
-  ratio (the robustness curve) and scores the test set. The model fitted at the refined
-  pollution ratio is also SROC's scorer. The job then ranks that polluted training set with every
-  configured strategy (SROC, random, cross-validation, STOC, SROC by the refiner detector, and
-  those beyond the paper), fits the oracle on its healthy images, and, for ``sroc_auto``, refits
-  on what remains after removing as many suspects as the self-scores' tail suggests.
-- :func:`refined_runs` removes, for one refinement ratio r, the round(r N) first images of each
-  ranking (for ``patch_sroc``, the round(r P) highest of the P training patches from PatchCore's
-  memory bank), refits the detector on the rest and scores the test set.
+- :func:`unrefined_runs_and_rankings` (the ``rank`` job) fits the detector on the training set of
+  every pollution ratio (the robustness curve) and scores the test set. The model fitted at the
+  refined pollution ratio is also SROC's scorer. The job then runs every configured strategy of
+  :mod:`sroc.strategies` on that polluted training set: a ranked strategy stores its ranking, a
+  single-run strategy (the oracle, ``sroc_auto``) removes its own selection, refits and scores.
+- :func:`refined_runs` (one ``refine`` job per refinement ratio r) removes the round(r N) first
+  images of each ranking (for a patch-level ranking, the round(r P) highest of the P training
+  patches from the detector's memory bank), refits the detector on the rest and scores the test
+  set.
 
 A ranking is computed once and serves every refinement ratio; adding a ratio adds jobs of the
 second kind only.
@@ -23,80 +23,21 @@ import logging
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from sroc import refinement, splits
-from sroc.contamination import estimate_contamination
-from sroc.detectors import BaseDetector, make_detector
+from sroc import refinement, splits, strategies
+from sroc.config import DetectorSpec
+from sroc.detectors import BaseDetector
 from sroc.embeddings import input_boxes, load_features
 from sroc.evaluation import TestEvaluation
 from sroc.io import atomic_path
 from sroc.runs import Run, StoredRanking
 
 log = logging.getLogger(__name__)
-
-# Strategies that rank the polluted training set; the oracle needs no ranking. The last three go
-# beyond the paper (docs/refinement.md): leave-one-out self-scores, SROC in several steps, and
-# the consensus of several detectors' leave-one-out rankings.
-RANKED_STRATEGIES = (
-    "sroc", "random", "cross_validation", "stoc", "by_refiner",
-    "sroc_loo", "iterative_sroc", "consensus", "patch_sroc",
-)  # fmt: skip
-# Strategies that refine a detector's patch memory bank rather than its training images, with
-# the detector types that have one: the workflow runs them for those detectors only
-# (:func:`strategies_for`).
-PATCH_STRATEGIES = {"patch_sroc": ("patchcore",)}
-# Strategies that make one run per cell, at a refinement ratio of their own: the oracle removes
-# the polluted images; sroc_auto removes as many leave-one-out SROC suspects as
-# sroc.contamination estimates from the self-scores (the ratio chosen from the data).
-SINGLE_RUN_STRATEGIES = ("oracle", "sroc_auto")
-STRATEGIES = (*RANKED_STRATEGIES, *SINGLE_RUN_STRATEGIES)
-# The config's ``refinement:`` section without the keys that it leaves out: the workflow
-# (common.smk) and benchmarks/fit_cost.py read the section through :func:`refinement_settings`.
-REFINEMENT_DEFAULTS = {
-    "pollution_ratio": 0.2,
-    "ratios": [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8],
-    "strategies": ["sroc", "random", "cross_validation", "stoc", "oracle", "by_refiner"],
-    "n_folds": 5,
-    "refiner": "mahalanobis",
-    "refiner_params": {},
-    "iterative_steps": 3,
-    "consensus": ["knn", "mahalanobis", "padim"],
-    "consensus_params": {},
-}
-
-
-def strategies_for(detector_type: str, strategies: Sequence[str]) -> list[str]:
-    """The configured ``strategies`` that apply to ``detector_type``: all but the patch-level
-    ones (:data:`PATCH_STRATEGIES`) of detectors without a patch memory bank."""
-    return [s for s in strategies if detector_type in PATCH_STRATEGIES.get(s, (detector_type,))]
-
-
-def refinement_settings(config: Mapping) -> dict:
-    """The ``refinement:`` section of ``config`` over :data:`REFINEMENT_DEFAULTS`."""
-    return {**REFINEMENT_DEFAULTS, **(config.get("refinement") or {})}
-
-
-@dataclass(frozen=True)
-class DetectorSpec:
-    """A detector type with its hyper-parameters, and how it runs."""
-
-    type: str
-    params: Mapping = field(default_factory=dict)
-    random_state: int = 0
-    n_jobs: int = 1
-
-    def factory(self, **overrides) -> Callable[[], BaseDetector]:
-        """A zero-argument callable returning a fresh, unfitted detector (``overrides`` replace
-        hyper-parameters, e.g. ``exclude_self=True`` for leave-one-out self-scoring)."""
-        params = {**dict(self.params), **overrides}
-        return lambda: make_detector(
-            self.type, random_state=self.random_state, n_jobs=self.n_jobs, **params
-        )
 
 
 def strategy_seed(category: str, seed: int) -> int:
@@ -164,30 +105,28 @@ def _run(strategy, refiner, pollution_ratio, refinement_ratio, train, removed, c
 def unrefined_runs_and_rankings(
     cell: Cell,
     detector: DetectorSpec,
-    refiner: DetectorSpec,
     evaluation: TestEvaluation,
     pollution_ratios: Sequence[float],
     refined_ratio: float,
-    strategies: Sequence[str],
-    n_folds: int,
+    strategy_names: Sequence[str],
     rng_seed: int,
-    iterative_steps: int = 3,
+    refiner: DetectorSpec | None = None,
     consensus: Sequence[DetectorSpec] = (),
+    settings: Mapping | None = None,
+    strategy_params: Mapping[str, Mapping] | None = None,
 ) -> tuple[list[Run], list[StoredRanking]]:
-    """The robustness curve, the rankings of the polluted training set at ``refined_ratio``,
-    and the oracle (see the module docstring). ``iterative_steps`` and ``consensus`` (the
-    detectors whose leave-one-out rankings are averaged) serve the strategies of those names."""
+    """The robustness curve, the rankings of the polluted training set at ``refined_ratio`` and
+    the single-run strategies' runs (see the module docstring). ``refiner``, ``consensus``,
+    ``settings`` (the refinement keys the strategies read) and ``strategy_params`` (each
+    strategy's own parameters) serve the strategies that declare them
+    (:mod:`sroc.strategies`)."""
+    chosen = [strategies.get(name) for name in strategy_names]
+    for strategy in chosen:
+        strategy.check_applies_to(detector.type)
     factory = detector.factory()
-    unfit = sorted(set(strategies) - set(strategies_for(detector.type, strategies)))
-    if unfit:
-        raise ValueError(
-            f"strategy {unfit[0]!r} refines a patch memory bank, which detector type "
-            f"{detector.type!r} has not: it runs for {PATCH_STRATEGIES[unfit[0]]} only. Leave it "
-            "out for this detector (the workflow does so with sroc.grid.strategies_for)"
-        )
     runs, scorer = [], None
     ratios = set(map(float, pollution_ratios))
-    if strategies:
+    if chosen:
         ratios.add(float(refined_ratio))
     for ratio in sorted(ratios):
         train = cell.training_set(ratio)
@@ -205,71 +144,36 @@ def unrefined_runs_and_rankings(
     ids = train["image_id"].to_numpy(dtype=str)
     features = cell.features_of(ids)
     rankings = []
-    for strategy in strategies:
-        if strategy == "oracle":
-            healthy = train[~train["polluted"]]
-            fit = _fit_and_score(factory, cell.features_of(healthy["image_id"]), cell, evaluation)
-            removed = train.loc[train["polluted"], "image_id"]
-            runs.append(
-                _run("oracle", "none", refined_ratio, len(removed) / len(train), train, removed,
-                     cell, fit)
-            )  # fmt: skip
-            continue
-        if strategy == "sroc_auto":
-            runs.append(_auto_ratio_run(cell, detector, evaluation, train, refined_ratio))
+    for strategy in chosen:
+        inputs = strategies.RankingInputs(
+            features=features,
+            image_ids=ids,
+            polluted=train["polluted"].to_numpy(dtype=bool),
+            detector=detector,
+            fitted=scorer,
+            refiner=refiner,
+            consensus=tuple(consensus),
+            settings=dict(settings or {}),
+            params={**strategy.params, **((strategy_params or {}).get(strategy.name) or {})},
+            rng_seed=rng_seed,
+        )
+        if strategy.kind == "single_run":
+            runs.append(_single_run(strategy, inputs, cell, evaluation, train, refined_ratio))
             continue
         start = time.perf_counter()
-        if strategy == "sroc":
-            ranking = refinement.sroc_ranking(features, ids, factory, fitted=scorer)
-            ranked_by = detector.type
-        elif strategy == "random":
-            ranking = refinement.random_ranking(ids, rng_seed)
-            ranked_by = "none"
-        elif strategy == "cross_validation":
-            ranking = refinement.cross_validation_ranking(features, ids, factory, n_folds, rng_seed)
-            ranked_by = detector.type
-        elif strategy == "stoc":
-            ranking = refinement.stoc_ranking(features, ids, factory, n_folds, rng_seed)
-            ranked_by = detector.type
-        elif strategy == "by_refiner":
-            ranking = refinement.sroc_ranking(features, ids, refiner.factory())
-            ranked_by = refiner.type
-        elif strategy == "sroc_loo":
-            ranking = refinement.sroc_ranking(features, ids, detector.factory(exclude_self=True))
-            ranked_by = detector.type
-        elif strategy == "patch_sroc":
-            ranking = refinement.patch_sroc_ranking(
-                features, ids, detector.factory(exclude_self=True)
-            )
-            ranked_by = detector.type
-        elif strategy == "iterative_sroc":
-            ranking = refinement.iterative_sroc_ranking(
-                features, ids, factory, refined_ratio, iterative_steps
-            )
-            ranked_by = detector.type
-        elif strategy == "consensus":
-            members = consensus or (detector,)
-            ranking = refinement.consensus_ranking(
-                [
-                    refinement.sroc_ranking(features, ids, member.factory(exclude_self=True))
-                    for member in members
-                ],
-                ids,
-            )
-            ranked_by = "+".join(member.type for member in members)
-        else:
-            raise ValueError(f"unknown refinement strategy {strategy!r}; choose from {STRATEGIES}")
+        ranking = strategy.function(inputs)
         log.info(
-            "ranking %s: %d fits in %.2f s", strategy, ranking.n_fits, time.perf_counter() - start
-        )
+            "ranking %s: %d fits in %.2f s",
+            strategy.name, ranking.n_fits, time.perf_counter() - start,
+        )  # fmt: skip
         rankings.append(
             StoredRanking(
-                strategy=strategy,
-                refiner=ranked_by,
+                strategy=strategy.name,
+                refiner=strategy.ranked_by(inputs),
                 image_ids=ids,
                 scores=ranking.scores,
                 order=ranking.order,
-                polluted=train["polluted"].to_numpy(dtype=bool),
+                polluted=inputs.polluted,
                 attrs={
                     "pollution_ratio": float(refined_ratio),
                     "n_fits": ranking.n_fits,
@@ -282,25 +186,27 @@ def unrefined_runs_and_rankings(
     return runs, rankings
 
 
-def _auto_ratio_run(
+def _single_run(
+    strategy: strategies.Strategy,
+    inputs: strategies.RankingInputs,
     cell: Cell,
-    detector: DetectorSpec,
     evaluation: TestEvaluation,
     train: pd.DataFrame,
     pollution_ratio: float,
 ) -> Run:
-    """sroc_auto: rank by leave-one-out self-scores, remove the share that
-    :func:`sroc.contamination.estimate_contamination` finds in their tail, refit and score."""
-    ids = train["image_id"].to_numpy(dtype=str)
-    ranking = refinement.sroc_ranking(
-        cell.features_of(ids), ids, detector.factory(exclude_self=True)
-    )
-    ratio = estimate_contamination(ranking.scores)
-    removed = ids[ranking.order[: refinement.n_removed(len(ids), ratio)]]
-    kept = train.loc[~train["image_id"].isin(removed), "image_id"]
-    fit = _fit_and_score(detector.factory(), cell.features_of(kept), cell, evaluation)
-    log.info("sroc_auto: estimated contamination %.3f, removed %d images", ratio, len(removed))
-    return _run("sroc_auto", detector.type, pollution_ratio, ratio, train, removed, cell, fit)
+    """A single-run strategy's run: remove what it selects, refit on the rest, score."""
+    selection = strategy.function(inputs)
+    removed = inputs.image_ids[selection.removed]
+    kept = np.delete(inputs.image_ids, selection.removed)
+    fit = _fit_and_score(inputs.detector.factory(), cell.features_of(kept), cell, evaluation)
+    log.info(
+        "%s: removed %d images (ratio %.3f), fit in %.2f s",
+        strategy.name, len(removed), selection.ratio, fit[3],
+    )  # fmt: skip
+    return _run(
+        strategy.name, strategy.ranked_by(inputs), pollution_ratio, selection.ratio, train,
+        removed, cell, fit,
+    )  # fmt: skip
 
 
 def refined_runs(

@@ -1,0 +1,498 @@
+"""The refinement strategies, each declared once: the grid, the workflow, the report and the cost
+model derive everything they list about strategies from :data:`STRATEGIES`.
+
+A :class:`Strategy` entry gives the strategy's name, its kind, the function that does its work, the
+detector capabilities it needs, its label in tables and figures, the settings it reads and its cost
+in fits and scorings. The kinds:
+
+- ``ranked``: ``function(inputs) -> Ranking`` ranks the polluted training set once (in the grid's
+  ``rank`` job); every refinement ratio r then refits on all but the round(r N) first images.
+- ``ranked_per_ratio``: ``function(inputs, ratio) -> Ranking`` ranks again for every refinement
+  ratio (in that ratio's ``refine`` job), for strategies whose ranking depends on how much is
+  removed.
+- ``patch``: like ``ranked``, but the ranking carries every training patch's score and each ratio
+  removes the round(r P) highest of the P patches from the detector's memory bank.
+- ``single_run``: ``function(inputs) -> Selection`` removes a set of images of its own choosing,
+  at a ratio of its own; one run per cell (the oracle, a ratio estimated from the data).
+
+A new strategy is one function and one :func:`register` call, in this module or in a plugin file
+named by the config's ``plugins:`` list (:mod:`sroc.plugins`); docs/architecture.md walks through
+it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from sroc import refinement
+from sroc.contamination import estimate_contamination
+from sroc.detectors import detector_class
+
+if TYPE_CHECKING:
+    from sroc.config import DetectorSpec
+
+KINDS = ("ranked", "ranked_per_ratio", "patch", "single_run")
+# Detector capabilities a strategy may require, and the class attribute that declares each.
+CAPABILITIES = {"exclude_self": "supports_exclude_self", "patch_bank": "has_patch_bank"}
+
+
+@dataclass(frozen=True)
+class RankingInputs:
+    """What a strategy's function receives for one (category, seed, detector) cell.
+
+    ``features`` and ``image_ids`` are the polluted training set at the refined pollution ratio;
+    ``fitted`` the detector fitted on exactly that set by the robustness curve (SROC reuses it).
+    ``polluted`` is the truth: only the oracle may read it. ``settings`` holds the refinement keys
+    the strategy declared, ``params`` its own parameters (``refinement.strategy_params``).
+    """
+
+    features: Mapping[str, np.ndarray]
+    image_ids: np.ndarray
+    polluted: np.ndarray
+    detector: DetectorSpec
+    fitted: object | None
+    refiner: DetectorSpec
+    consensus: Sequence[DetectorSpec]
+    settings: Mapping
+    params: Mapping
+    rng_seed: int
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A single-run strategy's choice: the removed training positions and the refinement ratio it
+    reports (the share it removed, or the ratio it estimated)."""
+
+    removed: np.ndarray
+    ratio: float
+
+
+class CellCost(Protocol):
+    """Seconds (or any additive unit) of the work in one cell, for resource estimates and
+    benchmarks/fit_cost.py. ``n`` training images at the refined pollution ratio, of which
+    ``n_polluted`` polluted; ``n_test`` test images."""
+
+    n: int
+    n_polluted: int
+    n_test: int
+    settings: Mapping
+    refiner: DetectorSpec
+    consensus: Sequence[DetectorSpec]
+
+    def fit(self, n_fit: float) -> float: ...
+
+    def score(self, n_fit: float, n_score: float) -> float:
+        """Scoring ``n_score`` images without maps against a model fitted on ``n_fit``."""
+
+    def self_score(self) -> float:
+        """Scoring the ``n`` training images against themselves (leave-one-out or not)."""
+
+    def test_run(self, n_fit: float) -> float:
+        """A fit on ``n_fit`` images and the test set's scoring, as the grid's runs do."""
+
+    def ranking_by(self, spec: DetectorSpec) -> float:
+        """Another detector's fit and self-scoring of the training set (refiner, members)."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One refinement strategy: see the module docstring.
+
+    ``ranked_by`` names what ranked (the runs' ``refiner`` column); ``cost`` the work of its
+    ranking (or of its whole run, for ``single_run``) in a cell: the refits of the refinement
+    ratios are added by kind. ``report_outputs`` names the report's outputs that exist only when
+    this strategy runs (workflow/rules/report_targets.smk). ``in_paper``: one of the paper's six.
+    """
+
+    name: str
+    label: str
+    kind: str
+    function: Callable
+    cost: Callable[[CellCost], float]
+    ranked_by: Callable[[RankingInputs], str] = lambda inputs: inputs.detector.type
+    requires: frozenset[str] = frozenset()
+    settings: tuple[str, ...] = ()
+    params: Mapping = field(default_factory=dict)
+    uses_refiner: bool = False
+    report_outputs: tuple[str, ...] = ()
+    in_paper: bool = False
+    default: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"strategy {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+        unknown = sorted(set(self.requires) - set(CAPABILITIES))
+        if unknown:
+            raise ValueError(
+                f"strategy {self.name!r} requires unknown capabilities {unknown}; "
+                f"known: {sorted(CAPABILITIES)}"
+            )
+
+    @property
+    def has_ratio_curve(self) -> bool:
+        """True when the strategy runs at every refinement ratio (all kinds but single_run)."""
+        return self.kind != "single_run"
+
+    def applies_to(self, detector_type: str) -> bool:
+        """Whether detectors of ``detector_type`` have every capability the strategy needs."""
+        return not missing_capabilities(self.requires, detector_type)
+
+    def check_applies_to(self, detector_type: str) -> None:
+        """A clear error when ``detector_type`` lacks a capability the strategy requires."""
+        require(self.requires, detector_type, f"strategy {self.name!r}")
+
+
+def missing_capabilities(requires: frozenset[str], detector_type: str) -> list[str]:
+    """The capabilities in ``requires`` that detectors of ``detector_type`` lack."""
+    cls = detector_class(detector_type)
+    return sorted(need for need in requires if not getattr(cls, CAPABILITIES[need], False))
+
+
+def require(requires: frozenset[str], detector_type: str, who: str) -> None:
+    """A ValueError naming ``who`` when ``detector_type`` lacks one of ``requires``."""
+    missing = missing_capabilities(requires, detector_type)
+    if missing:
+        raise ValueError(
+            f"{who} needs detectors with {missing}, which detector type {detector_type!r} "
+            f"({detector_class(detector_type).__name__}) lacks: leave it out for this detector "
+            "(the workflow does so with sroc.strategies.strategies_for)"
+        )
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy) -> Strategy:
+    """Add ``strategy`` to :data:`STRATEGIES`; a name already taken is an error."""
+    if strategy.name in STRATEGIES or strategy.name == "none":
+        raise ValueError(
+            f"a refinement strategy named {strategy.name!r} is already registered: choose "
+            "another name"
+        )
+    STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def get(name: str) -> Strategy:
+    """The registered strategy ``name``, or a ValueError that lists the registered ones."""
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"unknown refinement strategy {name!r}; registered: {sorted(STRATEGIES)}. A plugin "
+            "strategy needs its file in the config's plugins: list"
+        )
+    return STRATEGIES[name]
+
+
+def label(name: str) -> str:
+    """The label of strategy ``name`` in tables and figures (the name itself if unregistered)."""
+    return STRATEGIES[name].label if name in STRATEGIES else name
+
+
+def is_single_run(name: str) -> bool:
+    """True for a registered single-run strategy (one run per cell, a ratio of its own)."""
+    return name != "none" and get(name).kind == "single_run"
+
+
+def default_strategies() -> list[str]:
+    """The strategies a configuration runs when it names none: the paper's six."""
+    return [name for name, strategy in STRATEGIES.items() if strategy.default]
+
+
+def strategies_for(detector_type: str, strategies: Sequence[str]) -> list[str]:
+    """The ``strategies`` that apply to ``detector_type`` (:meth:`Strategy.applies_to`)."""
+    return [s for s in strategies if get(s).applies_to(detector_type)]
+
+
+def settings_read(strategies: Sequence[str]) -> list[str]:
+    """The refinement settings that ``strategies`` read, each once, in a stable order."""
+    return sorted({key for name in strategies for key in get(name).settings})
+
+
+def rank_job_cost(strategies: Sequence[str], model: CellCost) -> float:
+    """The work of the ``rank`` job beyond the robustness curve: every ranking once, and every
+    single-run strategy's run."""
+    return sum(get(s).cost(model) for s in strategies if get(s).kind != "ranked_per_ratio")
+
+
+def refine_job_cost(strategies: Sequence[str], model: CellCost, ratio: float) -> float:
+    """The work of one ``refine`` job: a test run on the kept images for every strategy with a
+    ratio curve, and the per-ratio rankings. Patch-level refits keep every image less a share of
+    the patches: they are counted like an image-level refit at the same ratio."""
+    kept = model.n - refinement.n_removed(model.n, ratio)
+    seconds = 0.0
+    for name in strategies:
+        strategy = get(name)
+        if strategy.kind == "ranked_per_ratio":
+            seconds += strategy.cost(model)
+        if strategy.has_ratio_curve:
+            seconds += model.test_run(kept)
+    return seconds
+
+
+@dataclass
+class PerImageCost:
+    """A :class:`CellCost` in seconds from each detector class's ``runtime_seconds_per_image``
+    (one fit plus one test scoring, per training image; half each), for the workflow's runtime
+    resource. The test set is taken as large as the training set, an upper bound for a split."""
+
+    detector_type: str
+    n: int
+    settings: Mapping
+    refiner: DetectorSpec
+    consensus: Sequence[DetectorSpec]
+
+    @property
+    def n_polluted(self) -> int:
+        return refinement.n_removed(self.n, float(self.settings["pollution_ratio"]))
+
+    @property
+    def n_test(self) -> int:
+        return self.n
+
+    def _half(self, detector_type: str | None = None) -> float:
+        return detector_class(detector_type or self.detector_type).runtime_seconds_per_image / 2
+
+    def fit(self, n_fit: float) -> float:
+        return self._half() * n_fit
+
+    def score(self, n_fit: float, n_score: float) -> float:
+        return self._half() * n_score
+
+    def self_score(self) -> float:
+        return self.score(self.n, self.n)
+
+    def test_run(self, n_fit: float) -> float:
+        return self.fit(n_fit) + self.score(n_fit, self.n_test)
+
+    def ranking_by(self, spec: DetectorSpec) -> float:
+        return 2 * self._half(spec.type) * self.n
+
+
+# --------------------------------------------------------------------------------------------
+# The strategies of the paper (section 4.5) and beyond it (docs/refinement.md)
+
+
+def _sroc(inputs: RankingInputs) -> refinement.Ranking:
+    return refinement.sroc_ranking(
+        inputs.features, inputs.image_ids, inputs.detector.factory(), fitted=inputs.fitted
+    )
+
+
+def _random(inputs: RankingInputs) -> refinement.Ranking:
+    return refinement.random_ranking(inputs.image_ids, inputs.rng_seed)
+
+
+def _cross_validation(inputs: RankingInputs) -> refinement.Ranking:
+    return refinement.cross_validation_ranking(
+        inputs.features,
+        inputs.image_ids,
+        inputs.detector.factory(),
+        inputs.settings["n_folds"],
+        inputs.rng_seed,
+    )
+
+
+def _stoc(inputs: RankingInputs) -> refinement.Ranking:
+    return refinement.stoc_ranking(
+        inputs.features,
+        inputs.image_ids,
+        inputs.detector.factory(),
+        inputs.settings["n_folds"],
+        inputs.rng_seed,
+    )
+
+
+def _by_refiner(inputs: RankingInputs) -> refinement.Ranking:
+    return refinement.sroc_ranking(inputs.features, inputs.image_ids, inputs.refiner.factory())
+
+
+def _sroc_loo(inputs: RankingInputs) -> refinement.Ranking:
+    return refinement.sroc_ranking(
+        inputs.features, inputs.image_ids, inputs.detector.factory(exclude_self=True)
+    )
+
+
+def _patch_sroc(inputs: RankingInputs) -> refinement.Ranking:
+    return refinement.patch_sroc_ranking(
+        inputs.features, inputs.image_ids, inputs.detector.factory(exclude_self=True)
+    )
+
+
+def _iterative_sroc(inputs: RankingInputs) -> refinement.Ranking:
+    return refinement.iterative_sroc_ranking(
+        inputs.features,
+        inputs.image_ids,
+        inputs.detector.factory(),
+        inputs.settings["pollution_ratio"],
+        inputs.settings["iterative_steps"],
+    )
+
+
+def _consensus_members(inputs: RankingInputs) -> Sequence[DetectorSpec]:
+    return inputs.consensus or (inputs.detector,)
+
+
+def _consensus(inputs: RankingInputs) -> refinement.Ranking:
+    members = _consensus_members(inputs)
+    for member in members:
+        require(frozenset({"exclude_self"}), member.type, f"consensus member {member.type!r}")
+    return refinement.consensus_ranking(
+        [
+            refinement.sroc_ranking(
+                inputs.features, inputs.image_ids, member.factory(exclude_self=True)
+            )
+            for member in members
+        ],
+        inputs.image_ids,
+    )
+
+
+def _oracle(inputs: RankingInputs) -> Selection:
+    removed = np.flatnonzero(inputs.polluted)
+    return Selection(removed, len(removed) / len(inputs.image_ids))
+
+
+def _sroc_auto(inputs: RankingInputs) -> Selection:
+    ranking = _sroc_loo(inputs)
+    ratio = estimate_contamination(ranking.scores)
+    return Selection(ranking.order[: refinement.n_removed(len(inputs.image_ids), ratio)], ratio)
+
+
+def _folds(model: CellCost) -> int:
+    return int(model.settings["n_folds"])
+
+
+register(
+    Strategy(
+        name="sroc",
+        label="SROC",
+        kind="ranked",
+        function=_sroc,
+        cost=lambda m: m.self_score(),  # the robustness curve's fit at p is reused
+        report_outputs=("table2_refinement", "figure5_strategies", "refinement_curves"),
+        in_paper=True,
+        default=True,
+    )
+)
+register(
+    Strategy(
+        name="random",
+        label="random",
+        kind="ranked",
+        function=_random,
+        cost=lambda m: 0.0,
+        ranked_by=lambda inputs: "none",
+        in_paper=True,
+        default=True,
+    )
+)
+register(
+    Strategy(
+        name="cross_validation",
+        label="cross-validation",
+        kind="ranked",
+        function=_cross_validation,
+        cost=lambda m: (
+            _folds(m)
+            * (m.fit(m.n - m.n / _folds(m)) + m.score(m.n - m.n / _folds(m), m.n / _folds(m)))
+        ),
+        settings=("n_folds",),
+        in_paper=True,
+        default=True,
+    )
+)
+register(
+    Strategy(
+        name="stoc",
+        label="STOC",
+        kind="ranked",
+        function=_stoc,
+        cost=lambda m: _folds(m) * (m.fit(m.n / _folds(m)) + m.score(m.n / _folds(m), m.n)),
+        settings=("n_folds",),
+        in_paper=True,
+        default=True,
+    )
+)
+register(
+    Strategy(
+        name="oracle",
+        label="oracle",
+        kind="single_run",
+        function=_oracle,
+        cost=lambda m: m.test_run(m.n - m.n_polluted),
+        ranked_by=lambda inputs: "none",
+        in_paper=True,
+        default=True,
+    )
+)
+register(
+    Strategy(
+        name="by_refiner",
+        label="SROC ranked by the refiner",
+        kind="ranked",
+        function=_by_refiner,
+        cost=lambda m: m.ranking_by(m.refiner),
+        ranked_by=lambda inputs: inputs.refiner.type,
+        uses_refiner=True,
+        report_outputs=("table4_refiner", "refiner_curves"),
+        in_paper=True,
+        default=True,
+    )
+)
+register(
+    Strategy(
+        name="sroc_loo",
+        label="SROC, leave-one-out",
+        kind="ranked",
+        function=_sroc_loo,
+        cost=lambda m: m.fit(m.n) + m.self_score(),
+        requires=frozenset({"exclude_self"}),
+    )
+)
+register(
+    Strategy(
+        name="iterative_sroc",
+        label="iterative SROC",
+        kind="ranked",
+        function=_iterative_sroc,
+        cost=lambda m: int(m.settings["iterative_steps"]) * (m.fit(m.n) + m.self_score()),
+        settings=("iterative_steps", "pollution_ratio"),
+    )
+)
+register(
+    Strategy(
+        name="consensus",
+        label="consensus of detectors",
+        kind="ranked",
+        function=_consensus,
+        cost=lambda m: sum(m.ranking_by(member) for member in m.consensus),
+        ranked_by=lambda inputs: "+".join(member.type for member in _consensus_members(inputs)),
+        settings=("consensus",),
+    )
+)
+register(
+    Strategy(
+        name="sroc_auto",
+        label="SROC, ratio from the data",
+        kind="single_run",
+        function=_sroc_auto,
+        # A leave-one-out ranking, then a refit, sized as at r = p.
+        cost=lambda m: m.fit(m.n) + m.self_score() + m.test_run(m.n - m.n_polluted),
+        requires=frozenset({"exclude_self"}),
+        report_outputs=("auto_ratio",),
+    )
+)
+register(
+    Strategy(
+        name="patch_sroc",
+        label="SROC, patch-level",
+        kind="patch",
+        function=_patch_sroc,
+        cost=lambda m: m.fit(m.n) + m.self_score(),
+        requires=frozenset({"exclude_self", "patch_bank"}),
+    )
+)
