@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 
 from sroc.backbones import BackboneConfig
-from sroc.data import index_category
 from sroc.datasets import make_synthetic_dataset
+from sroc.datasets.layout import index_category
 from sroc.detectors import (
     DETECTORS,
     INTERPRETER_OVERHEAD_MB,

@@ -646,7 +646,7 @@ class FeatureExtractor(torch.nn.Module):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(
                 f"expected a uint8 RGB image of shape (H, W, 3), got {image.dtype} "
-                f"{image.shape}: read images with sroc.data.read_image"
+                f"{image.shape}: read images with sroc.datasets.layout.read_image"
             )
         if geometry is None:
             geometry = self.geometry(image.shape[0], image.shape[1])

@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sroc.contamination import DEFAULT_THRESHOLD, estimate_contamination, tail_cut
-from sroc.data import DatasetError, read_image
+from sroc.datasets.layout import DatasetError, read_image
 from sroc.io import atomic_path, write_text_atomic
 
 # torch, faiss and h5py are imported where they are used: ``import sroc`` imports this module

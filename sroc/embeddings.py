@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from sroc.backbones import BackboneConfig, FeatureExtractor, InputGeometry, select_runner
-from sroc.data import INDEX_COLUMNS, image_size
+from sroc.datasets.layout import INDEX_COLUMNS, image_size
 from sroc.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,9 @@ class IncompleteCacheError(ValueError):
 def _validated_index(index: pd.DataFrame) -> pd.DataFrame:
     missing = [column for column in INDEX_COLUMNS if column not in index.columns]
     if missing:
-        raise ValueError(f"index lacks column(s) {missing}: build it with sroc.data.index_category")
+        raise ValueError(
+            f"index lacks column(s) {missing}: build it with sroc.datasets.layout.index_category"
+        )
     if index.empty:
         raise ValueError("index holds no image: nothing to embed")
     categories = index["category"].unique()
@@ -84,8 +86,8 @@ class _BatchReader:
 
     Iterating yields ``(start, batch, heights, widths, boxes)`` in index order (``boxes``: each
     image's (top, left, height, width) on the input canvas). An error while reading (e.g. a
-    corrupt file, raised by ``sroc.data.read_image`` with the file named, or an image whose tiles
-    do not give ``canvas``) is re-raised in the consumer.
+    corrupt file, raised by ``sroc.datasets.layout.read_image`` with the file named, or an image
+    whose tiles do not give ``canvas``) is re-raised in the consumer.
     """
 
     def __init__(
@@ -119,7 +121,7 @@ class _BatchReader:
                 pass
 
     def _load(self, path: str) -> tuple[np.ndarray, int, int, tuple]:
-        from sroc.data import read_image
+        from sroc.datasets.layout import read_image
 
         image = read_image(path)
         geometry = self._extractor.geometry(image.shape[0], image.shape[1])
@@ -199,8 +201,8 @@ def build_cache(
     progress: bool = True,
     onnx_dir: str | os.PathLike | None = None,
 ) -> None:
-    """Embed every image of ``index`` (one category, see ``sroc.data.index_category``) into the
-    HDF5 cache ``cache_path``.
+    """Embed every image of ``index`` (one category, see
+    ``sroc.datasets.layout.index_category``) into the HDF5 cache ``cache_path``.
 
     ``threads`` is the number of inference threads (ONNX Runtime: batches embedded at once;
     torch: intra-op threads) and of image-decoding threads, which decode and resize the next

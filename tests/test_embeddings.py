@@ -21,7 +21,7 @@ from PIL import Image
 
 from sroc import embeddings
 from sroc.backbones import BackboneConfig, create_model
-from sroc.data import DatasetError, index_category
+from sroc.datasets.layout import DatasetError, index_category
 from sroc.embeddings import (
     IncompleteCacheError,
     build_cache,
@@ -238,17 +238,17 @@ KILLED_BUILD = textwrap.dedent(
     """
     import sys, time
     import pandas as pd
-    import sroc.data
+    import sroc.datasets.layout
     from sroc.backbones import BackboneConfig
     from sroc.embeddings import build_cache
 
-    read_image = sroc.data.read_image
+    read_image = sroc.datasets.layout.read_image
 
     def slow_read(path):
         time.sleep(0.4)
         return read_image(path)
 
-    sroc.data.read_image = slow_read
+    sroc.datasets.layout.read_image = slow_read
     config = BackboneConfig(name="tf_efficientnet_lite0", input_size=64, batch_size=2)
     build_cache(pd.read_pickle(sys.argv[1]), sys.argv[2], config, progress=False,
                 onnx_dir=sys.argv[3])
@@ -344,7 +344,7 @@ def test_real_jpegs_of_varying_size(tmp_path, onnx_dir):
 
 def test_padded_cache_stores_each_images_box_and_padded_features(dataset, tmp_path):
     from sroc.backbones import FeatureExtractor, input_geometry
-    from sroc.data import read_image
+    from sroc.datasets.layout import read_image
     from sroc.embeddings import input_boxes
 
     _, index = dataset
@@ -378,7 +378,7 @@ def test_squashed_cache_has_no_boxes_and_reads_as_whole_canvas(built):
 
 def test_tiled_cache_has_wide_grids(tmp_path):
     from sroc.backbones import FeatureExtractor
-    from sroc.data import read_image
+    from sroc.datasets.layout import read_image
 
     rng = np.random.default_rng(1)
     for folder, name in [("train/good", "000"), ("train/good", "001"), ("test/good", "000")]:

@@ -9,7 +9,7 @@ min_version("9.0")
 sys.path.insert(0, str(Path(workflow.basedir)))
 
 from sroc.backbones import BackboneConfig  # noqa: E402
-from sroc.data import list_categories  # noqa: E402
+from sroc.datasets.layout import list_categories  # noqa: E402
 from sroc.detectors import validate_params  # noqa: E402
 from sroc.grid import refinement_settings, strategies_for  # noqa: E402
 
