@@ -134,7 +134,8 @@ def backbone_config():
 
 
 def cached(index, path: Path, config) -> tuple[dict, pd.DataFrame]:
-    from sroc.embeddings import build_cache, load_features
+    from sroc.embeddings import build_cache
+    from sroc.feature_cache import load_features
 
     if not path.exists():
         build_cache(index, path, config, threads=2, progress=False)

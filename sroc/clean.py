@@ -174,7 +174,8 @@ def _embedded(
 ) -> tuple[list[Path], dict[str, np.ndarray], pd.DataFrame, list[tuple[str, str]], bool]:
     """Features of the readable images, their metadata, the unreadable files and whether the
     cache was reused."""
-    from sroc.embeddings import build_cache, load_features, read_cache_index
+    from sroc.embeddings import build_cache
+    from sroc.feature_cache import load_features, read_cache_index
 
     cache = _cache_path(cache_dir, config, paths)
     reused = cache.is_file()

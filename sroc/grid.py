@@ -32,8 +32,8 @@ import pandas as pd
 from sroc import refinement, splits
 from sroc.contamination import estimate_contamination
 from sroc.detectors import BaseDetector, make_detector
-from sroc.embeddings import input_boxes, load_features
 from sroc.evaluation import TestEvaluation
+from sroc.feature_cache import input_boxes, load_features
 from sroc.io import atomic_path
 from sroc.runs import Run, StoredRanking
 

@@ -617,7 +617,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def embedded_category(root: Path, category: str, cache: Path, config) -> tuple[dict, dict, object]:
     """Features of one category's train and test images, and the test metadata."""
     from sroc.datasets.layout import index_category
-    from sroc.embeddings import build_cache, load_features
+    from sroc.embeddings import build_cache
+    from sroc.feature_cache import load_features
 
     build_cache(index_category(root, category), cache, config, threads=2, progress=False)
     features, metadata = load_features(cache)

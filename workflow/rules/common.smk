@@ -160,7 +160,7 @@ def detector_threads(wildcards):
 def detector_mem_mb(wildcards, input):
     """Memory of one grid job, from the detector's own estimate on this category's cache."""
     from sroc.detectors import estimate_memory_mb
-    from sroc.embeddings import cache_shapes
+    from sroc.feature_cache import cache_shapes
 
     run = DETECTORS[wildcards.detector]
     if not Path(input.cache).exists():
@@ -190,7 +190,7 @@ SECONDS_PER_IMAGE_FIT = {
 
 def detector_runtime(wildcards, input, attempt):
     """Minutes one grid job may take: its number of fits times a per-image cost, x10."""
-    from sroc.embeddings import cache_shapes
+    from sroc.feature_cache import cache_shapes
 
     if not Path(input.cache).exists():
         return 60
