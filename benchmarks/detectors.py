@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 
 from sroc.backbones import BackboneConfig
-from sroc.data import index_category
 from sroc.datasets import make_synthetic_dataset
+from sroc.datasets.layout import index_category
 from sroc.detectors import (
     DETECTORS,
     INTERPRETER_OVERHEAD_MB,
@@ -42,7 +42,8 @@ from sroc.detectors import (
     estimate_memory_mb,
     make_detector,
 )
-from sroc.embeddings import build_cache, cache_shapes, load_features
+from sroc.embeddings import build_cache
+from sroc.feature_cache import cache_shapes, load_features
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data"

@@ -39,8 +39,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sroc.backbones import BackboneConfig, FeatureExtractor, OnnxFeatureRunner, select_runner
-from sroc.data import index_category, read_image
 from sroc.datasets import make_synthetic_dataset
+from sroc.datasets.layout import index_category, read_image
 from sroc.embeddings import build_cache
 
 # The sibling module, also when this file is loaded by path rather than run as a script.

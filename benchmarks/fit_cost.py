@@ -309,7 +309,7 @@ def job_overhead_seconds(cell: Cell, repeats: int = 2) -> float:
         load = f"load_features({str(cell.cache)!r}, {cell.train_ids!r})"
     code = (
         "import sroc.detectors, sroc.metrics, sroc.runs, sroc.splits\n"
-        f"from sroc.embeddings import load_features\n{load}\n"
+        f"from sroc.feature_cache import load_features\n{load}\n"
     )
     best = math.inf
     for _ in range(repeats):
@@ -324,7 +324,7 @@ def job_overhead_seconds(cell: Cell, repeats: int = 2) -> float:
 
 
 def _cell_from_cache(cache: Path, config: dict) -> Cell:
-    from sroc.embeddings import load_features, read_cache_index
+    from sroc.feature_cache import load_features, read_cache_index
 
     pollution = config.get("pollution") or {}
     refinement = refinement_settings(config)

@@ -134,7 +134,8 @@ def backbone_config():
 
 
 def cached(index, path: Path, config) -> tuple[dict, pd.DataFrame]:
-    from sroc.embeddings import build_cache, load_features
+    from sroc.embeddings import build_cache
+    from sroc.feature_cache import load_features
 
     if not path.exists():
         build_cache(index, path, config, threads=2, progress=False)
@@ -142,7 +143,7 @@ def cached(index, path: Path, config) -> tuple[dict, pd.DataFrame]:
 
 
 def piped_cells(data: Path, scratch: Path, categories):
-    from sroc.data import image_size, index_category
+    from sroc.datasets.layout import image_size, index_category
 
     config = backbone_config()
     for category in categories:
@@ -160,8 +161,8 @@ def piped_cells(data: Path, scratch: Path, categories):
 def elpv_cell(scratch: Path):
     import yaml
 
-    from sroc.data import index_category
     from sroc.datasets import prepare_elpv
+    from sroc.datasets.layout import index_category
     from sroc.splits import make_split, test_set, training_set
 
     config = backbone_config()

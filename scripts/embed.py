@@ -1,6 +1,6 @@
 """Rule embed: every image of one category through the frozen backbone, into one HDF5 cache."""
 
-from sroc.data import read_index
+from sroc.datasets.layout import read_index
 from sroc.embeddings import build_cache
 from sroc.logs import rule_logging
 

@@ -1,6 +1,6 @@
 """Rule index_category: list and validate every image of one category."""
 
-from sroc.data import index_category
+from sroc.datasets.layout import index_category
 from sroc.io import atomic_path
 from sroc.logs import rule_logging
 

@@ -3,7 +3,7 @@
 import json
 
 from sroc import splits
-from sroc.data import read_index
+from sroc.datasets.layout import read_index
 from sroc.io import atomic_path, write_text_atomic
 from sroc.logs import rule_logging
 

@@ -18,7 +18,7 @@ from sroc.clean import (
     run_clean,
     write_outputs,
 )
-from sroc.data import DatasetError
+from sroc.datasets.layout import DatasetError
 
 logger = logging.getLogger("sroc")
 

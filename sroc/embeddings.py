@@ -1,17 +1,10 @@
-"""The embedding cache: every image of one category through the frozen backbone, once.
+"""Building the embedding cache: every image of one category through the frozen backbone, once.
 
-One HDF5 file per (dataset, category, backbone configuration)::
-
-    /features/<stage>   (n, C, H, W) float16 (or float32), one chunk per image, finest stage first
-    /images/image_id, origin, defect_type, mask_path, path   utf-8 strings
-    /images/label       int8;   /images/height, /images/width   int32, original image size
-    /images/input_box   int32 (n, 4), only for aspect "pad" and "tile": each image's (top, left,
-                        height, width) on the input canvas, in backbone-input pixels
-    attrs: backbone_config (JSON), config_hash, category, stages (JSON), runtime, versions,
-           input_canvas (JSON [H, W], only with input_box), complete = 1 (written last)
-
-The file is written under a temporary name and renamed when complete, and readers refuse a file
-without ``complete``: a killed job leaves nothing that a later step accepts.
+:func:`build_cache` decodes the images, runs the backbone (ONNX Runtime or torch, see
+:func:`sroc.backbones.select_runner`) and writes one HDF5 file per (dataset, category, backbone
+configuration) in the layout of :mod:`sroc.feature_cache`, which also holds its readers. The file
+is written under a temporary name and renamed when complete, so that a killed job leaves nothing
+that a later step accepts.
 """
 
 from __future__ import annotations
@@ -26,7 +19,6 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -35,37 +27,19 @@ import torch
 from tqdm import tqdm
 
 from sroc.backbones import BackboneConfig, FeatureExtractor, InputGeometry, select_runner
-from sroc.data import INDEX_COLUMNS, image_size
+from sroc.datasets.layout import INDEX_COLUMNS, image_size
+from sroc.feature_cache import write_image_metadata
 from sroc.io import atomic_path
 
 logger = logging.getLogger(__name__)
-
-_STRING_COLUMNS = ("image_id", "origin", "defect_type", "mask_path", "path")
-METADATA_COLUMNS = (
-    "image_id",
-    "category",
-    "origin",
-    "defect_type",
-    "label",
-    "mask_path",
-    "path",
-    "height",
-    "width",
-)
-
-
-class IncompleteCacheError(ValueError):
-    """An embedding cache was not finished (interrupted build) or is not a cache at all."""
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
 
 
 def _validated_index(index: pd.DataFrame) -> pd.DataFrame:
     missing = [column for column in INDEX_COLUMNS if column not in index.columns]
     if missing:
-        raise ValueError(f"index lacks column(s) {missing}: build it with sroc.data.index_category")
+        raise ValueError(
+            f"index lacks column(s) {missing}: build it with sroc.datasets.layout.index_category"
+        )
     if index.empty:
         raise ValueError("index holds no image: nothing to embed")
     categories = index["category"].unique()
@@ -84,8 +58,8 @@ class _BatchReader:
 
     Iterating yields ``(start, batch, heights, widths, boxes)`` in index order (``boxes``: each
     image's (top, left, height, width) on the input canvas). An error while reading (e.g. a
-    corrupt file, raised by ``sroc.data.read_image`` with the file named, or an image whose tiles
-    do not give ``canvas``) is re-raised in the consumer.
+    corrupt file, raised by ``sroc.datasets.layout.read_image`` with the file named, or an image
+    whose tiles do not give ``canvas``) is re-raised in the consumer.
     """
 
     def __init__(
@@ -119,7 +93,7 @@ class _BatchReader:
                 pass
 
     def _load(self, path: str) -> tuple[np.ndarray, int, int, tuple]:
-        from sroc.data import read_image
+        from sroc.datasets.layout import read_image
 
         image = read_image(path)
         geometry = self._extractor.geometry(image.shape[0], image.shape[1])
@@ -199,8 +173,8 @@ def build_cache(
     progress: bool = True,
     onnx_dir: str | os.PathLike | None = None,
 ) -> None:
-    """Embed every image of ``index`` (one category, see ``sroc.data.index_category``) into the
-    HDF5 cache ``cache_path``.
+    """Embed every image of ``index`` (one category, see
+    ``sroc.datasets.layout.index_category``) into the HDF5 cache ``cache_path``.
 
     ``threads`` is the number of inference threads (ONNX Runtime: batches embedded at once;
     torch: intra-op threads) and of image-decoding threads, which decode and resize the next
@@ -239,7 +213,7 @@ def build_cache(
                 mininterval=1.0 if sys.stderr.isatty() else 15.0,
             ) as bar,
         ):
-            _write_metadata(h5, index)
+            write_image_metadata(h5, index)
             writer = _FeatureWriter(h5, extractor, n_images, category, shapes)
             batch_iterator = iter(batches)
             start, batch, heights, widths, boxes = next(batch_iterator)
@@ -344,142 +318,3 @@ class _FeatureWriter:
         self._h5["images/width"] = self._widths
         if self._extractor.config.aspect != "squash":  # squash caches keep their old layout
             self._h5["images/input_box"] = self._boxes
-
-
-def _write_metadata(h5: h5py.File, index: pd.DataFrame) -> None:
-    images = h5.create_group("images")
-    text = h5py.string_dtype("utf-8")
-    for column in _STRING_COLUMNS:
-        images.create_dataset(column, data=index[column].astype(str).to_numpy(object), dtype=text)
-    images["label"] = index["label"].to_numpy().astype(np.int8)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-
-
-def _open_complete(cache_path: str | os.PathLike) -> h5py.File:
-    path = Path(cache_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"embedding cache {path} does not exist: build it first")
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as error:
-        raise IncompleteCacheError(
-            f"{path} is not a readable HDF5 file ({error}); an interrupted write leaves such "
-            "files: delete it and rebuild the cache"
-        ) from error
-    if h5.attrs.get("complete") != 1:
-        h5.close()
-        raise IncompleteCacheError(
-            f"{path} is an unfinished embedding cache (no 'complete' mark): its build was "
-            "interrupted. Delete it and rebuild the cache"
-        )
-    return h5
-
-
-def _read_metadata(h5: h5py.File) -> pd.DataFrame:
-    images = h5["images"]
-    columns = {column: images[column].asstr()[:] for column in _STRING_COLUMNS}
-    columns["label"] = images["label"][:].astype(np.int64)
-    columns["height"] = images["height"][:].astype(np.int64)
-    columns["width"] = images["width"][:].astype(np.int64)
-    frame = pd.DataFrame(columns)
-    frame["category"] = str(h5.attrs["category"])
-    return frame[list(METADATA_COLUMNS)]
-
-
-def read_cache_index(cache_path: str | os.PathLike) -> pd.DataFrame:
-    """The metadata of every image in a complete cache (no features), in stored order.
-
-    Columns: image_id, category, origin, defect_type, label, mask_path, path, height, width.
-    """
-    with _open_complete(cache_path) as h5:
-        return _read_metadata(h5)
-
-
-def cache_shapes(cache_path: str | os.PathLike) -> tuple[int, dict[str, tuple[int, int, int]]]:
-    """``(n_images, {stage: (C, H, W)})`` of a complete cache, finest stage first."""
-    with _open_complete(cache_path) as h5:
-        stages = json.loads(h5.attrs["stages"])
-        shapes = {stage: tuple(int(d) for d in h5["features"][stage].shape) for stage in stages}
-    n_images = next(iter(shapes.values()))[0]
-    return n_images, {stage: shape[1:] for stage, shape in shapes.items()}
-
-
-def input_boxes(
-    cache_path: str | os.PathLike, image_ids: Sequence[str] | None = None
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """Where each image lies on the backbone input: ``(boxes, canvas_hw)``, ``boxes`` int64
-    (n, 4) of (top, left, height, width) in backbone-input pixels on the canvas of
-    ``canvas_hw``, which the feature maps span (default: all images, in stored order).
-
-    Squashed images (``aspect="squash"``, and caches from before the choice existed) fill the
-    S x S canvas; padded ones fill their box; tiled ones fill their S x L (or L x S) canvas.
-    """
-    with _open_complete(cache_path) as h5:
-        image_column = h5["images/image_id"].asstr()[:]
-        if "input_box" in h5["images"]:
-            boxes = h5["images/input_box"][:].astype(np.int64)
-            canvas = tuple(int(v) for v in json.loads(h5.attrs["input_canvas"]))
-        else:
-            size = int(json.loads(h5.attrs["backbone_config"])["input_size"])
-            canvas = (size, size)
-            boxes = np.tile(np.array([0, 0, size, size], np.int64), (len(image_column), 1))
-    if image_ids is None:
-        return boxes, canvas
-    row_of = pd.Series(np.arange(len(image_column)), index=image_column)
-    unknown = [str(i) for i in image_ids if str(i) not in row_of.index]
-    if unknown:
-        raise KeyError(f"{len(unknown)} image id(s) not in {cache_path}, e.g. {unknown[:5]}")
-    return boxes[row_of.loc[[str(i) for i in image_ids]].to_numpy()], canvas
-
-
-def _read_rows(dataset: h5py.Dataset, positions: np.ndarray) -> np.ndarray:
-    """Rows ``positions`` of ``dataset`` as float32, read as contiguous runs (h5py's fancy
-    indexing is slow and needs sorted indices)."""
-    out = np.empty((len(positions), *dataset.shape[1:]), np.float32)
-    order = np.argsort(positions, kind="stable")
-    sorted_positions = positions[order]
-    breaks = np.flatnonzero(np.diff(sorted_positions) != 1) + 1
-    for run in np.split(np.arange(len(positions)), breaks):
-        first, last = sorted_positions[run[0]], sorted_positions[run[-1]]
-        out[order[run]] = dataset[first : last + 1]
-    return out
-
-
-def load_features(
-    cache_path: str | os.PathLike,
-    image_ids: Sequence[str] | None = None,
-    stages: Sequence[str] | None = None,
-) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
-    """Features (float32, ``{stage: (n, C, H, W)}``, finest stage first) and metadata rows of
-    ``image_ids`` in that order (default: all images, in stored order). ``stages`` selects a
-    subset of the stored stages. Refuses an unfinished cache with :class:`IncompleteCacheError`.
-    """
-    with _open_complete(cache_path) as h5:
-        metadata = _read_metadata(h5)
-        stored = json.loads(h5.attrs["stages"])
-        if stages is None:
-            selected = stored
-        else:
-            unknown = [stage for stage in stages if stage not in stored]
-            if unknown:
-                raise KeyError(f"stage(s) {unknown} not in {cache_path}; it holds {stored}")
-            selected = [stage for stage in stored if stage in set(stages)]
-        if image_ids is None:
-            features = {s: h5["features"][s][...].astype(np.float32) for s in selected}
-            return features, metadata
-        image_ids = [str(image_id) for image_id in image_ids]
-        if len(set(image_ids)) != len(image_ids):
-            raise ValueError("image_ids repeat an id: ask for each image once")
-        row_of = pd.Series(np.arange(len(metadata)), index=metadata["image_id"])
-        unknown = [image_id for image_id in image_ids if image_id not in row_of.index]
-        if unknown:
-            raise KeyError(
-                f"{len(unknown)} image id(s) not in {cache_path}, e.g. {unknown[:5]}: the cache "
-                "was built from another index"
-            )
-        positions = row_of.loc[image_ids].to_numpy()
-        features = {s: _read_rows(h5["features"][s], positions) for s in selected}
-    return features, metadata.iloc[positions].reset_index(drop=True)

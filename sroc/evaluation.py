@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from sroc.data import image_size
+from sroc.datasets.layout import image_size
 from sroc.detectors import crop_resize_maps, resize_maps, scale_sigma
 from sroc.metrics import PixelGroundTruth, image_auroc
 

@@ -32,8 +32,8 @@ import pandas as pd
 from sroc import refinement, splits, strategies
 from sroc.config import DetectorSpec
 from sroc.detectors import BaseDetector
-from sroc.embeddings import input_boxes, load_features
 from sroc.evaluation import TestEvaluation
+from sroc.feature_cache import input_boxes, load_features
 from sroc.io import atomic_path
 from sroc.runs import Run, StoredRanking
 

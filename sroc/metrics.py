@@ -166,7 +166,7 @@ class PixelGroundTruth:
         when its label is 0, and an unknown ground truth when its label is 1 (a dataset indexed
         with ``require_masks=False``): that image is excluded from the pixel metrics.
         """
-        from sroc.data import read_mask
+        from sroc.datasets.layout import read_mask
 
         labels = np.asarray(labels)
         if not len(mask_paths) == len(image_sizes) == len(labels):

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sroc.data import INDEX_COLUMNS
+from sroc.datasets.layout import INDEX_COLUMNS
 
 PROTOCOL = "sroc-replace"
 # "fixed": the pollution set (hence the test set) is drawn once per category and the seed only
@@ -151,10 +151,11 @@ def make_split(
 ) -> pd.DataFrame:
     """Build the manifest of one category for one seed.
 
-    ``index`` is a category index (``sroc.data.index_category``). Raises ``CategoryExcluded`` when
-    the defective test images cannot supply the pollution set while keeping at least
-    ``min_test_defective`` of them for evaluation. ``set_seed`` (``SET_SEEDS``) says whether the
-    pollution set is drawn once per category (``"fixed"``) or per seed (``"per_seed"``).
+    ``index`` is a category index (``sroc.datasets.layout.index_category``). Raises
+    ``CategoryExcluded`` when the defective test images cannot supply the pollution set while
+    keeping at least ``min_test_defective`` of them for evaluation. ``set_seed`` (``SET_SEEDS``)
+    says whether the pollution set is drawn once per category (``"fixed"``) or per seed
+    (``"per_seed"``).
     ``max_set_share`` subsamples the training goods, drawn like the pollution set, until the
     pollution set takes at most that share of the defective test images.
     """

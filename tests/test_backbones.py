@@ -249,8 +249,8 @@ def test_select_runner_uses_onnx_and_falls_back(
     assert runtime == "onnxruntime" and (tmp_path / f"{SMALL.tag()}.onnx").is_file()
     assert isinstance(runner, OnnxFeatureRunner)
 
-    monkeypatch.setattr(backbones, "ONNX_MAX_ABS_DIFF", -1.0)  # nothing agrees any more
-    with caplog.at_level(logging.WARNING, logger="sroc.backbones"):
+    monkeypatch.setattr("sroc.backbones.runtime.ONNX_MAX_ABS_DIFF", -1.0)  # nothing agrees any more
+    with caplog.at_level(logging.WARNING, logger="sroc.backbones.runtime"):
         runner, runtime, fallback = select_runner(small_extractor, batch, onnx_dir=tmp_path)
     assert runtime == "torch" and "falling back to torch" in caplog.text
     for stage in outputs:

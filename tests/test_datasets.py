@@ -20,7 +20,6 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from sroc.data import DatasetError, index_category, list_categories, read_image, read_mask
 from sroc.datasets import (
     SYNTHETIC_TEXTURES,
     DownloadError,
@@ -32,6 +31,13 @@ from sroc.datasets import (
     prepare_elpv,
     prepare_mvtec,
     verify_sha256,
+)
+from sroc.datasets.layout import (
+    DatasetError,
+    index_category,
+    list_categories,
+    read_image,
+    read_mask,
 )
 
 

@@ -616,8 +616,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def embedded_category(root: Path, category: str, cache: Path, config) -> tuple[dict, dict, object]:
     """Features of one category's train and test images, and the test metadata."""
-    from sroc.data import index_category
-    from sroc.embeddings import build_cache, load_features
+    from sroc.datasets.layout import index_category
+    from sroc.embeddings import build_cache
+    from sroc.feature_cache import load_features
 
     build_cache(index_category(root, category), cache, config, threads=2, progress=False)
     features, metadata = load_features(cache)
@@ -649,7 +650,7 @@ def synthetic_features(tmp_path_factory):
 def test_maps_localise_synthetic_defects(synthetic_features, name, params):
     from sklearn.metrics import roc_auc_score
 
-    from sroc.data import read_mask
+    from sroc.datasets.layout import read_mask
 
     train, test, metadata = synthetic_features[:3]
     input_size = synthetic_features[3].input_size

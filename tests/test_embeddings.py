@@ -21,10 +21,10 @@ from PIL import Image
 
 from sroc import embeddings
 from sroc.backbones import BackboneConfig, create_model
-from sroc.data import DatasetError, index_category
-from sroc.embeddings import (
+from sroc.datasets.layout import DatasetError, index_category
+from sroc.embeddings import build_cache
+from sroc.feature_cache import (
     IncompleteCacheError,
-    build_cache,
     cache_shapes,
     load_features,
     read_cache_index,
@@ -238,17 +238,17 @@ KILLED_BUILD = textwrap.dedent(
     """
     import sys, time
     import pandas as pd
-    import sroc.data
+    import sroc.datasets.layout
     from sroc.backbones import BackboneConfig
     from sroc.embeddings import build_cache
 
-    read_image = sroc.data.read_image
+    read_image = sroc.datasets.layout.read_image
 
     def slow_read(path):
         time.sleep(0.4)
         return read_image(path)
 
-    sroc.data.read_image = slow_read
+    sroc.datasets.layout.read_image = slow_read
     config = BackboneConfig(name="tf_efficientnet_lite0", input_size=64, batch_size=2)
     build_cache(pd.read_pickle(sys.argv[1]), sys.argv[2], config, progress=False,
                 onnx_dir=sys.argv[3])
@@ -290,6 +290,18 @@ def test_killed_build_is_refused_and_rebuilt(dataset, tmp_path, onnx_dir):
 
     build_cache(index, target, CONFIG, progress=False, onnx_dir=onnx_dir)
     assert load_features(target)[1]["image_id"].tolist() == index["image_id"].tolist()
+
+
+def test_cache_readers_and_backbone_config_import_no_torch():
+    """Grid jobs only read caches, and the workflow builds backbone configurations when it
+    parses: neither may pay for importing torch."""
+    code = (
+        "import sys, sroc.feature_cache, sroc.backbones.config, sroc.backbones.geometry; "
+        "loaded = [m for m in ('torch', 'timm', 'onnxruntime') if m in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
 def test_unfinished_or_foreign_files_are_refused(tmp_path):
@@ -344,8 +356,8 @@ def test_real_jpegs_of_varying_size(tmp_path, onnx_dir):
 
 def test_padded_cache_stores_each_images_box_and_padded_features(dataset, tmp_path):
     from sroc.backbones import FeatureExtractor, input_geometry
-    from sroc.data import read_image
-    from sroc.embeddings import input_boxes
+    from sroc.datasets.layout import read_image
+    from sroc.feature_cache import input_boxes
 
     _, index = dataset
     config = dataclasses.replace(CONFIG, aspect="pad", runtime="torch")
@@ -368,7 +380,7 @@ def test_padded_cache_stores_each_images_box_and_padded_features(dataset, tmp_pa
 
 
 def test_squashed_cache_has_no_boxes_and_reads_as_whole_canvas(built):
-    from sroc.embeddings import input_boxes
+    from sroc.feature_cache import input_boxes
 
     with h5py.File(built, "r") as h5:
         assert "input_box" not in h5["images"] and "input_canvas" not in h5.attrs
@@ -378,7 +390,7 @@ def test_squashed_cache_has_no_boxes_and_reads_as_whole_canvas(built):
 
 def test_tiled_cache_has_wide_grids(tmp_path):
     from sroc.backbones import FeatureExtractor
-    from sroc.data import read_image
+    from sroc.datasets.layout import read_image
 
     rng = np.random.default_rng(1)
     for folder, name in [("train/good", "000"), ("train/good", "001"), ("test/good", "000")]:

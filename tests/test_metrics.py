@@ -487,7 +487,7 @@ def test_refinement_bad_input():
 
 
 def test_from_mask_paths_reads_masks_and_fills_defect_free_images(tmp_path):
-    pytest.importorskip("sroc.data")
+    pytest.importorskip("sroc.datasets.layout")
     mask = np.zeros((9, 12), dtype=np.uint8)
     mask[2:4, 3:8] = 255
     mask_path = tmp_path / "000_mask.png"

@@ -324,7 +324,7 @@ def test_a_killed_embedding_leaves_no_cache_and_the_next_run_completes(synthetic
     snakemake(workdir, config, "--until", "embed")  # the rest is the grid, tested elsewhere
     new = set(folder.glob("*.h5")) - before
     assert len(new) == 1
-    from sroc.embeddings import load_features
+    from sroc.feature_cache import load_features
 
     features, metadata = load_features(new.pop())
     assert len(metadata) == 51 and all(np.isfinite(f).all() for f in features.values())

@@ -1,4 +1,6 @@
-"""Dataset sources, each delivered in the MVTec AD folder layout that ``sroc.data`` reads.
+"""Dataset sources, each delivered in the MVTec AD folder layout.
+
+That layout is read and checked by :mod:`sroc.datasets.layout`.
 
 - MVTec AD (:mod:`sroc.datasets.mvtec`): :func:`download_file` (streaming, resumable,
   sha256-verified, :mod:`sroc.datasets.download`), then :func:`extract_archive_safely`

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sroc.data import DatasetError
 from sroc.datasets.folders import building_directory, publish_directory, refuse_existing
+from sroc.datasets.layout import DatasetError
 
 _MAX_PROBLEMS_SHOWN = 20
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sroc.data import DatasetError
+from sroc.datasets.layout import DatasetError
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from fractions import Fraction
 from importlib import metadata, resources
 from pathlib import Path
 
-from sroc.data import DatasetError
 from sroc.datasets.folders import building_directory, publish_directory, refuse_existing
+from sroc.datasets.layout import DatasetError
 
 logger = logging.getLogger(__name__)
 

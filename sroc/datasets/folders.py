@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sroc.data import DatasetError
+from sroc.datasets.layout import DatasetError
 
 
 def refuse_existing(target: Path) -> None:

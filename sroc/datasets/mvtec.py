@@ -6,10 +6,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from sroc.data import DatasetError, list_categories
 from sroc.datasets.archives import ArchiveMember, extract_members, open_archive
 from sroc.datasets.download import download_file, verify_sha256
 from sroc.datasets.folders import refuse_existing
+from sroc.datasets.layout import DatasetError, list_categories
 
 MVTEC_AD_URL = (
     "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sroc.data import GOOD, MASK_STEM_SUFFIX, DatasetError
 from sroc.datasets.folders import building_directory, publish_directory, refuse_existing
+from sroc.datasets.layout import GOOD, MASK_STEM_SUFFIX, DatasetError
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:

@@ -30,7 +30,7 @@ def training_embeddings(
     ``ratio``, read from the category's embedding cache once for every seed. A manifest of an
     excluded category (no training image) gives no entry."""
     from sroc import splits
-    from sroc.embeddings import load_features
+    from sroc.feature_cache import load_features
 
     training = {
         seed: splits.training_set(manifest, ratio)

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 from sroc import config as sroc_config  # noqa: E402
 from sroc import strategies  # noqa: E402
 from sroc.backbones import BackboneConfig  # noqa: E402
-from sroc.data import list_categories  # noqa: E402
+from sroc.datasets.layout import list_categories  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 # Plugin files register strategies and detectors; every job loads them again (params.plugins).
@@ -159,7 +159,7 @@ def detector_threads(wildcards):
 def detector_mem_mb(wildcards, input):
     """Memory of one grid job, from the detector's own estimate on this category's cache."""
     from sroc.detectors import estimate_memory_mb
-    from sroc.embeddings import cache_shapes
+    from sroc.feature_cache import cache_shapes
 
     run = DETECTORS[wildcards.detector]
     if not Path(input.cache).exists():
@@ -180,7 +180,7 @@ def detector_runtime(wildcards, input, attempt):
     """Minutes one grid job may take: the strategies' fits and scorings (sroc.strategies) priced
     by the detector class's runtime_seconds_per_image, x10 (a cluster kills a job that outlives
     its runtime)."""
-    from sroc.embeddings import cache_shapes
+    from sroc.feature_cache import cache_shapes
 
     if not Path(input.cache).exists():
         return 60

@@ -1,4 +1,4 @@
-"""The reader and validated index of MVTec-layout datasets (sroc/data.py)."""
+"""The reader and validated index of MVTec-layout datasets (sroc/datasets/layout.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sroc.data import (
+from sroc.datasets.layout import (
     INDEX_COLUMNS,
     DatasetError,
     index_category,
@@ -233,7 +233,7 @@ def test_unknown_extensions_and_hidden_files_are_ignored_with_a_warning(tmp_path
     (category / "train" / "good" / "notes.txt").write_text("x")
     (category / "test" / "good" / "scan.tif").write_bytes(b"II*\0")
     (category / "test" / "good" / ".DS_Store").write_bytes(b"\0")
-    with caplog.at_level(logging.WARNING, logger="sroc.data"):
+    with caplog.at_level(logging.WARNING, logger="sroc.datasets.layout"):
         index = index_category(tmp_path, "widget")
     assert len(index) == 8
     warning = caplog.text
@@ -255,7 +255,7 @@ def test_all_zero_masks_are_accepted_with_a_warning_naming_them(tmp_path, caplog
     soft = square_mask()
     soft[5, 6] = 128
     soft_path = save(soft, category / "ground_truth" / "crack" / "001_mask.png")
-    with caplog.at_level(logging.WARNING, logger="sroc.data"):
+    with caplog.at_level(logging.WARNING, logger="sroc.datasets.layout"):
         index = index_category(tmp_path, "widget")
     assert index.set_index("image_id").loc["test/hole/000", "mask_path"] == str(empty)
     assert "All-zero masks" in caplog.text and str(empty) in caplog.text
@@ -400,7 +400,7 @@ def shared_categories():
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
 @pytest.mark.parametrize("dataset, category", shared_categories())
 def test_real_shared_datasets_index_without_error(dataset, category, caplog):
-    with caplog.at_level(logging.WARNING, logger="sroc.data"):
+    with caplog.at_level(logging.WARNING, logger="sroc.datasets.layout"):
         index = index_category(SHARED_DATA / dataset, category)
     defective = index[index["label"] == 1]
     assert (defective["mask_path"] != "").all()
@@ -418,7 +418,7 @@ def test_real_shared_datasets_index_without_error(dataset, category, caplog):
 def test_image_size_reads_the_header_as_height_width(tmp_path):
     from PIL import Image
 
-    from sroc.data import DatasetError, image_size, read_image
+    from sroc.datasets.layout import DatasetError, image_size, read_image
 
     path = tmp_path / "wide.png"
     Image.fromarray(np.zeros((7, 13), dtype=np.uint8)).save(path)

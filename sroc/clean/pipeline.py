@@ -1,26 +1,20 @@
-"""Clean an unlabelled set of images before training: which images should be dropped?
+"""The cleaning itself: which images of an unlabelled set look defective?
 
 :func:`clean` embeds the images with the frozen backbone (through the HDF5 embedding cache of
 ``sroc.embeddings``), fits a detector on all of them and scores every image against the others
 (SROC self-scoring; KNN leave-one-out by default), then flags the highest-scored images as
 suspects: as many as the contamination estimated from the scores (``ratio="auto"``,
-:mod:`sroc.contamination`) or a fixed fraction. :func:`write_outputs` writes the lists, the
-scores and a self-contained HTML report; :func:`copy_images` copies the kept images elsewhere.
-Nothing here writes into, moves or deletes an input file. ``sroc clean`` (``sroc.cli``) is the
-command-line front end; docs/clean.md documents both.
+:mod:`sroc.contamination`) or a fixed fraction. :func:`run_clean` also returns what the report
+shows (:class:`CleanRun`). Nothing here writes into, moves or deletes an input file.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
-import html
-import io
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -30,12 +24,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm import tqdm
 
 from sroc.contamination import DEFAULT_THRESHOLD, estimate_contamination, tail_cut
-from sroc.data import DatasetError, read_image
-from sroc.io import atomic_path, write_text_atomic
+from sroc.datasets.layout import DatasetError, read_image
 
 # torch, faiss and h5py are imported where they are used: ``import sroc`` imports this module
 # (so that ``sroc.clean`` is the function), and must stay light for every other use of sroc.
@@ -55,8 +47,6 @@ DEFAULT_DETECTOR = "knn"
 DEFAULT_DETECTOR_PARAMS: dict[str, dict] = {"knn": {"n_neighbors": 5}}
 _CACHE_CATEGORY = "images"
 _MAP_CHUNK = 8
-_THUMBNAIL_PX = 160
-_BORDERLINE_SHOWN = 12
 _PROBLEMS_SHOWN = 20
 
 
@@ -174,7 +164,8 @@ def _embedded(
 ) -> tuple[list[Path], dict[str, np.ndarray], pd.DataFrame, list[tuple[str, str]], bool]:
     """Features of the readable images, their metadata, the unreadable files and whether the
     cache was reused."""
-    from sroc.embeddings import build_cache, load_features, read_cache_index
+    from sroc.embeddings import build_cache
+    from sroc.feature_cache import load_features, read_cache_index
 
     cache = _cache_path(cache_dir, config, paths)
     reused = cache.is_file()
@@ -458,169 +449,3 @@ def clean(
         random_state=random_state,
         maps=False,
     ).frame
-
-
-# --------------------------------------------------------------------------------------------
-# Outputs
-
-
-def write_outputs(run: CleanRun, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``scores.csv``, ``clean.txt``, ``suspects.txt`` and ``report.html`` into
-    ``out_dir``, each atomically; returns their paths by name."""
-    out_dir = Path(out_dir)
-    frame = run.frame
-    outputs = {name: out_dir / name for name in ("scores.csv", "clean.txt", "suspects.txt")}
-    with atomic_path(outputs["scores.csv"], suffix=".csv.tmp") as temporary:
-        frame[["path", "score", "rank", "suspect"]].to_csv(temporary, index=False)
-    for name, selection in (("clean.txt", ~frame["suspect"]), ("suspects.txt", frame["suspect"])):
-        write_text_atomic(outputs[name], "".join(f"{p}\n" for p in frame.loc[selection, "path"]))
-    outputs["report.html"] = out_dir / "report.html"
-    write_text_atomic(outputs["report.html"], report_html(run))
-    return outputs
-
-
-def copy_images(
-    paths: Sequence[str | os.PathLike], root: str | os.PathLike, destination: str | os.PathLike
-) -> Path:
-    """Copy ``paths`` (files under ``root``) into the new folder ``destination``, keeping their
-    paths relative to ``root`` and their modification times. Refuses an existing
-    ``destination``; the folder appears only once every file is copied."""
-    root, destination = Path(root), Path(destination)
-    if destination.exists():
-        raise CleanError(
-            f"{destination} already exists; copying the kept images never overwrites. Fix: "
-            "give a new folder"
-        )
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
-        for path in paths:
-            target = building / Path(path).relative_to(root)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-        os.rename(building, destination)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    return destination
-
-
-def _png_data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _thumbnail(path: str) -> Image.Image:
-    image = Image.fromarray(read_image(path))
-    image.thumbnail((_THUMBNAIL_PX, _THUMBNAIL_PX), Image.Resampling.BILINEAR)
-    return image
-
-
-def _overlay(thumbnail: Image.Image, anomaly_map: np.ndarray, low: float, high: float):
-    """The thumbnail beside itself with the map blended in (jet colours, opacity rising with the
-    anomaly), on a colour scale shared by all suspects."""
-    from matplotlib import colormaps
-
-    level = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0).astype(np.float32)
-    level = np.asarray(
-        Image.fromarray(level, mode="F").resize(thumbnail.size, Image.Resampling.BILINEAR)
-    )
-    colours = colormaps["jet"](level)[:, :, :3] * 255
-    alpha = 0.15 + 0.55 * level[:, :, None]
-    base = np.asarray(thumbnail, dtype=np.float32)
-    blended = Image.fromarray((base * (1 - alpha) + colours * alpha).astype(np.uint8))
-    pair = Image.new("RGB", (thumbnail.width * 2 + 4, thumbnail.height), "white")
-    pair.paste(thumbnail, (0, 0))
-    pair.paste(blended, (thumbnail.width + 4, 0))
-    return pair
-
-
-def _histogram(run: CleanRun) -> str:
-    from matplotlib.figure import Figure
-
-    frame = run.frame
-    figure = Figure(figsize=(7, 3), dpi=100)
-    axes = figure.subplots()
-    bins = np.histogram_bin_edges(frame["score"], bins=min(60, max(20, len(frame) // 3)))
-    axes.hist(frame.loc[~frame["suspect"], "score"], bins=bins, color="tab:blue", label="kept")
-    axes.hist(frame.loc[frame["suspect"], "score"], bins=bins, color="tab:red", label="suspect")
-    axes.axvline(run.cut, color="black", linestyle="--", label=f"cut {run.cut:.4g}")
-    axes.set_xlabel("self-score (higher = more anomalous)")
-    axes.set_ylabel("images")
-    axes.legend()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _figure(src: str, caption: str) -> str:
-    return f'<figure><img src="{src}" alt=""><figcaption>{caption}</figcaption></figure>'
-
-
-def _caption(row) -> str:
-    return f"#{row.rank} &middot; score {row.score:.4g}<br><code>{html.escape(row.path)}</code>"
-
-
-_STYLE = """
-body { font-family: sans-serif; margin: 1.5em; color: #222; }
-.grid { display: flex; flex-wrap: wrap; gap: 12px; }
-figure { margin: 0; padding: 6px; border: 1px solid #ccc; max-width: 340px; }
-figcaption { font-size: 12px; word-break: break-all; }
-table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 3px 8px; }
-.note { background: #fff6d6; padding: 6px 10px; }
-"""
-
-
-def report_html(run: CleanRun) -> str:
-    """The self-contained report: suspects first (thumbnail beside its anomaly map overlay), the
-    borderline kept images, the score histogram with the cut, the settings, the skipped files."""
-    frame = run.frame
-    suspects = frame[frame["suspect"]]
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>sroc clean report</title>",
-        f"<style>{_STYLE}</style></head><body>",
-        f"<h1>sroc clean: {len(suspects)} suspect(s) among {len(frame)} images</h1>",
-        *(f"<p class='note'>{html.escape(note)}</p>" for note in run.notes),
-        f"<h2>Suspects ({len(suspects)}), most anomalous first</h2>",
-    ]
-    if suspects.empty:
-        parts.append("<p>No suspect: every image is kept.</p>")
-    else:
-        parts.append(
-            "<p>Each suspect beside its anomaly map (computed against the kept images; one "
-            "colour scale for all suspects, blue = typical, red = most anomalous).</p>"
-        )
-        if run.suspect_maps:
-            stacked = np.stack(list(run.suspect_maps.values()))
-            low, high = float(np.median(stacked)), float(stacked.max())
-        parts.append("<div class='grid'>")
-        for row in suspects.itertuples(index=False):
-            thumbnail = _thumbnail(row.path)
-            image = (
-                _overlay(thumbnail, run.suspect_maps[row.path], low, high)
-                if row.path in run.suspect_maps
-                else thumbnail
-            )
-            parts.append(_figure(_png_data_uri(image), _caption(row)))
-        parts.append("</div>")
-    borderline = frame[~frame["suspect"]].head(_BORDERLINE_SHOWN)
-    parts.append(f"<h2>Borderline kept images (the {len(borderline)} highest-scored)</h2>")
-    parts.append("<div class='grid'>")
-    for row in borderline.itertuples(index=False):
-        parts.append(_figure(_png_data_uri(_thumbnail(row.path)), _caption(row)))
-    parts.append("</div>")
-    parts.append("<h2>Score histogram</h2>")
-    parts.append(f"<img src='{_histogram(run)}' alt='histogram of the self-scores'>")
-    parts.append("<h2>Settings</h2><table>")
-    for key, value in run.settings.items():
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        parts.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(shown)}</td></tr>")
-    parts.append("</table>")
-    if run.skipped:
-        parts.append(f"<h2>Skipped unreadable files ({len(run.skipped)})</h2><ul>")
-        parts.extend(f"<li>{html.escape(problem)}</li>" for _, problem in run.skipped)
-        parts.append("</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
