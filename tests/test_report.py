@@ -609,3 +609,35 @@ def test_auto_ratio_against_best_fixed_ratio_equals_direct_computation(runs):
     no_loo = auto_ratio.auto_ratio_table(extended[extended["strategy"] != "sroc_loo"])
     assert set(no_loo["ranking"]) == {"sroc"}
     assert auto_ratio.auto_ratio_table(runs).empty
+
+
+def test_paired_claims_drop_seeds_whose_conditions_cover_other_categories(runs):
+    # Seed 2 of PaDiM's 20 % SROC refinement lost its bottle run.
+    lacking = (
+        (runs["detector"] == "padim")
+        & (runs["strategy"] == "sroc")
+        & (runs["refinement_ratio"] == 0.2)
+        & (runs["seed"] == 2)
+        & (runs["category"] == "bottle")
+    )
+    table = stats.paired_statistics(runs[~lacking])
+    row = table[(table["comparison"].str.startswith("sroc ")) & (table["detector"] == "padim")]
+    assert row["n_seeds"].item() == 2
+    assert "seed(s) 2 dropped" in row["note"].item()
+
+    def seed_means(**conditions):
+        chosen = runs[runs["seed"] != 2]
+        for column, value in conditions.items():
+            chosen = chosen[np.isclose(chosen[column], value) if isinstance(value, float)
+                            else chosen[column] == value]  # fmt: skip
+        return chosen.groupby(["seed", "category"])["image_auroc"].mean().groupby("seed").mean()
+
+    gain = seed_means(detector="padim", strategy="sroc", refinement_ratio=0.2) - seed_means(
+        detector="padim", strategy="sroc", refinement_ratio=0.0
+    )
+    assert row["mean_difference"].item() == pytest.approx(gain.mean())
+    # So does the other claim on these runs; every other claim keeps all seeds.
+    refiner = table[table["claim"].str.startswith("refining") & (table["detector"] == "padim")]
+    assert refiner["n_seeds"].item() == 2 and "seed(s) 2 dropped" in refiner["note"].item()
+    others = table.drop([*row.index, *refiner.index])
+    assert (others["n_seeds"] == len(SEEDS)).all() and (others["note"] == "").all()
