@@ -2,7 +2,10 @@
 
 ``paper_numbers.csv`` holds the numbers as printed in the paper (AUROC and refinement scores in
 percent, AU-IoU and AU-PRO as fractions, column ``unit``); ``paper_row`` is the row's label in the
-paper, categories spelled as in MVTec AD (``metal_nut``).
+paper, categories spelled as in MVTec AD (``metal_nut``). Standard deviations: the paper prints
+one for the per-category AUROC at 20 % pollution of Table 1 and its Mean AUC row, whose std is
+close to the mean of the categories' stds; ours are computed the same way
+(:func:`sroc.report.tables.seed_statistics`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ import numpy as np
 import pandas as pd
 
 from sroc.report.figures import save_figure
-from sroc.report.tables import MEAN, METRIC_NAMES, plain_latex, refiner_runs, seed_statistics
+from sroc.report.labels import detector_labels
+from sroc.report.tables import (
+    MEAN,
+    METRIC_NAMES,
+    plain_latex,
+    refiner_runs,
+    seed_statistics,
+    without_empty_refinements,
+)
 
 PAPER_SETUP = (
     "The paper embeds MVTec AD images resized to 380x380 (no centre crop) with EfficientNet-B4 "
@@ -45,6 +56,7 @@ def _our_statistics(runs: pd.DataFrame, table: str, refiner: str) -> pd.DataFram
         column, fixed = "refinement_ratio", "pollution"
     if subset.empty:
         return pd.DataFrame()
+    subset = without_empty_refinements(subset)
     metrics = ["image_auroc", "au_iou", "au_pro", "precision", "recall", "f1"]
     ours = pd.concat([_ours(subset, m, column) for m in metrics], ignore_index=True)
     fixed_value = float(subset[f"{fixed}_ratio"].iloc[0]) if fixed == "pollution" else 0.0
@@ -114,7 +126,7 @@ def comparison_note(backbone: str, dataset: str) -> str:
 
 
 def comparison_markdown(comparison: pd.DataFrame, note: str) -> str:
-    shown = comparison.copy()
+    shown = comparison.assign(detector=comparison["detector"].map(detector_labels(comparison)))
     for column in ("paper", "paper_std", "ours", "ours_std", "difference"):
         shown[column] = shown[column].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
     return shown.to_markdown(index=False) + f"\n\nNote: {note}\n"
@@ -132,7 +144,8 @@ def comparison_latex(comparison: pd.DataFrame, note: str) -> str:
         "ours_std",
         "difference",
     ]
-    return plain_latex(comparison[columns], note)
+    shown = comparison.assign(detector=comparison["detector"].map(detector_labels(comparison)))
+    return plain_latex(shown[columns], note)
 
 
 def plot_comparison(comparison: pd.DataFrame, paths: Sequence[str], title: str = "") -> None:
@@ -150,9 +163,20 @@ def plot_comparison(comparison: pd.DataFrame, paths: Sequence[str], title: str =
     for axis in axes.flat[len(metrics) :]:
         axis.set_visible(False)
     axes = axes.flat
-    shown = comparison.assign(
-        row=np.where(comparison["category"] == MEAN, "mean over categories", "one category"),
-        table=comparison["table"].map(lambda t: f"Table {t}"),
+    # Legend titles are these column names: words, not the table's columns.
+    labels = detector_labels(comparison)
+    shown = pd.DataFrame(
+        {
+            "paper": comparison["paper"],
+            "ours": comparison["ours"],
+            "ours_std": comparison["ours_std"],
+            "metric": comparison["metric"],
+            "detector": comparison["detector"].map(labels),
+            "published in": comparison["table"].map(lambda t: f"Table {t}"),
+            "cell": np.where(
+                comparison["category"] == MEAN, "mean over categories", "one category"
+            ),
+        }
     )
     for axis, metric in zip(axes, metrics, strict=False):
         data = shown[shown["metric"] == metric]
@@ -169,9 +193,10 @@ def plot_comparison(comparison: pd.DataFrame, paths: Sequence[str], title: str =
             data=data,
             x="paper",
             y="ours",
-            hue="detector_type",
-            style="table",
-            size="row",
+            hue="detector",
+            hue_order=list(labels.values()),
+            style="published in",
+            size="cell",
             sizes={"one category": 25, "mean over categories": 70},
             ax=axis,
             legend=metric == metrics[0],

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from sroc.report.labels import detector_labels
 from sroc.report.tables import refiner_runs, seed_means
 
 STAT_COLUMNS = ["n_seeds", "mean_difference", "std_difference", "ci_low", "ci_high", "note"]
@@ -192,3 +193,13 @@ def paired_statistics(
         ],
         ignore_index=True,
     )
+
+
+def with_detector_labels(claims: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """``claims`` with the detectors under their labels (``KNN vs PaDiM``), for Markdown and
+    LaTeX; the CSV keeps the configured names."""
+    labels = detector_labels(runs)
+    detectors = claims["detector"].map(
+        lambda pair: " vs ".join(labels.get(name, name) for name in pair.split(" vs "))
+    )
+    return claims.assign(detector=detectors)
