@@ -766,6 +766,33 @@ def test_paper_order_and_labels(runs, monkeypatch):
     assert "SROC ranked by the refiner (Mahalanobis)" in set(readable["strategy"])
 
 
+def test_comparison_follows_the_refiner_and_the_categories_per_detector():
+    # Refined by KNN: the paper's Table 4 is refined by Mahalanobis, so it is left out.
+    by_knn = paper.compare_with_paper(fake_runs(seeds=[0, 1], refiner="knn"), refiner="knn")
+    assert "4" not in set(by_knn["table"])
+    by_mahalanobis = paper.compare_with_paper(fake_runs(seeds=[0, 1]))
+    table4 = by_mahalanobis[by_mahalanobis["table"] == "4"]
+    assert table4["paper_row"].str.endswith("(Mahalanobis)").all() and len(table4)
+    # The paper's 13 categories, except PaDiM's screw runs: only PaDiM's means differ.
+    runs = fake_runs(seeds=[0, 1], categories=labels.PAPER_CATEGORIES)
+    runs = runs[~((runs["detector"] == "padim") & (runs["category"] == "screw"))]
+    comparison = paper.compare_with_paper(runs)
+    means = comparison[comparison["category"] == "mean"].groupby("detector")["same_categories"]
+    assert means.all().to_dict() == {"knn": True, "maha": True, "padim": False, "patchcore": True}
+    assert not means.any()["padim"]
+
+
+def test_comparison_says_what_is_compared():
+    elpv = paper.comparison_title("elpv")
+    assert "MVTec AD" in elpv and "not expected on the diagonal" in elpv
+    assert "not expected" not in paper.comparison_title("mvtec")
+    note = paper.comparison_note("b", "elpv", ["sroc-replace/set=fixed"])
+    for words in ("AU-IoU is this project's definition", "fixed per category",
+                  "mean of the categories'", "sroc-replace/set=fixed", "MVTec AD's"):  # fmt: skip
+        assert words in note
+    assert "MVTec AD's" not in paper.comparison_note("b", "mvtec")
+
+
 def test_paired_claims_drop_seeds_whose_conditions_cover_other_categories(runs):
     # Seed 2 of PaDiM's 20 % SROC refinement lost its bottle run.
     lacking = (
