@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -25,6 +26,7 @@ POLLUTION_RATIOS = [0.0, 0.05, 0.1, 0.15, 0.2]
 REFINEMENT_RATIOS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8]
 STRATEGIES = ["sroc", "random", "cross_validation", "stoc", "by_refiner"]
 METRICS = ["image_auroc", "au_pro", "au_iou"]
+CAPTIONS = Path(__file__).resolve().parents[1] / "workflow" / "report"
 
 
 def fake_runs(
@@ -823,3 +825,15 @@ def test_paired_claims_drop_seeds_whose_conditions_cover_other_categories(runs):
     assert refiner["n_seeds"].item() == 2 and "seed(s) 2 dropped" in refiner["note"].item()
     others = table.drop([*row.index, *refiner.index])
     assert (others["n_seeds"] == len(SEEDS)).all() and (others["note"] == "").all()
+
+
+def test_captions_state_what_is_built():
+    captions = {path.stem: " ".join(path.read_text().split()) for path in CAPTIONS.glob("*.rst")}
+    assert "not adjusted for the number of" in captions["paired_statistics"]
+    assert "dropped" in captions["paired_statistics"]
+    for name in ("paper_comparison", "paper_comparison_plot"):
+        assert "own definition" in captions[name] and "fixed per category" in captions[name]
+        assert "not expected on the diagonal" in captions[name]
+    assert "mean of the categories' standard deviations" in captions["table1_pollution"]
+    for name in ("table2_refinement", "table4_refiner"):
+        assert "±" not in captions[name] and "not printed" in captions[name]
