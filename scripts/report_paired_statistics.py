@@ -1,6 +1,5 @@
 """Rule paired_statistics: mean paired differences across seeds with t confidence intervals."""
 
-from sroc import report
 from sroc.io import write_text_atomic
 from sroc.logs import rule_logging
 from sroc.plugins import load_plugins
@@ -14,5 +13,9 @@ with rule_logging(snakemake.log[0]):
     else:
         params = snakemake.params
         table = stats.paired_statistics(runs, params.metric, params.refiner)
-        report.write_table(table, snakemake.output.csv, snakemake.output.markdown)
-        write_text_atomic(snakemake.output.latex, tables.plain_latex(table))
+        readable = stats.with_detector_labels(table, runs)
+        write_text_atomic(snakemake.output.csv, table.to_csv(index=False))
+        write_text_atomic(
+            snakemake.output.markdown, readable.to_markdown(index=False, floatfmt=".4g") + "\n"
+        )
+        write_text_atomic(snakemake.output.latex, tables.plain_latex(readable))

@@ -11,11 +11,12 @@ with rule_logging(snakemake.log[0]):
     else:
         params = snakemake.params
         comparison = paper.compare_with_paper(runs, refiner=params.refiner)
-        note = paper.comparison_note(params.backbone, params.dataset)
+        protocols = sorted(runs["protocol"].unique())
+        note = paper.comparison_note(params.backbone, params.dataset, protocols)
         output = snakemake.output
         write_text_atomic(output.csv, comparison.to_csv(index=False))
         write_text_atomic(output.markdown, paper.comparison_markdown(comparison, note))
         write_text_atomic(output.latex, paper.comparison_latex(comparison, note))
         paper.plot_comparison(
-            comparison, [output.png, output.pdf], title=f"{params.dataset} against the paper"
+            comparison, [output.png, output.pdf], title=paper.comparison_title(params.dataset)
         )

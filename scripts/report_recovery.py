@@ -1,9 +1,8 @@
 """Rule table_recovery: the share of each metric lost to pollution that each strategy wins back,
-as a table and a bar figure."""
+as a table (CSV: raw fractions; Markdown, LaTeX: as the paper prints) and a bar figure."""
 
 import pandas as pd
 
-from sroc import report
 from sroc.io import write_text_atomic
 from sroc.logs import rule_logging
 from sroc.plugins import load_plugins
@@ -22,6 +21,9 @@ with rule_logging(snakemake.log[0]):
             ],
             ignore_index=True,
         )
-        report.write_table(table, snakemake.output.csv, snakemake.output.markdown)
-        write_text_atomic(snakemake.output.latex, tables.plain_latex(table))
+        readable = recovery.recovery_for_reading(table)
+        write_text_atomic(snakemake.output.csv, table.to_csv(index=False))
+        markdown = readable.to_markdown(index=False, stralign="right", disable_numparse=True)
+        write_text_atomic(snakemake.output.markdown, markdown + "\n")
+        write_text_atomic(snakemake.output.latex, tables.plain_latex(readable))
         figures.plot_recovery(table, [snakemake.output.png, snakemake.output.pdf])

@@ -3,7 +3,8 @@
 Modules: :mod:`sroc.report.tables` (Tables 1, 2, 4 from ``runs.parquet``),
 :mod:`sroc.report.figures` (Figures 3-5, 7-13), :mod:`sroc.report.embedding_geometry` (Table 3,
 Figure 6), :mod:`sroc.report.paper` (the published numbers and the comparison),
-:mod:`sroc.report.stats` (paired statistics across seeds).
+:mod:`sroc.report.stats` (paired statistics across seeds), :mod:`sroc.report.labels` (detector
+names and the paper's order, for every table and figure).
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from sroc.io import atomic_path  # noqa: E402
+from sroc.report.labels import detector_labels, strategy_label  # noqa: E402
 from sroc.report.tables import MEAN, refiner_runs, seed_values  # noqa: E402
-from sroc.strategies import label as strategy_label  # noqa: E402
 
 AXIS_LABELS = {
     "image_auroc": "image AUROC (%)",
@@ -55,6 +55,11 @@ def _palette(detectors: Sequence[str]) -> dict:
     return dict(zip(detectors, sns.color_palette(n_colors=len(detectors)), strict=True))
 
 
+def _labelled(means: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    """``means`` with the detector column holding labels, so that legends print them."""
+    return means.assign(detector=means["detector"].map(labels))
+
+
 def _lines(axis, data: pd.DataFrame, x: str, metric: str, hue: str, palette: dict) -> None:
     data = data.assign(**{x: 100 * data[x]})
     sns.lineplot(
@@ -71,11 +76,13 @@ def _lines(axis, data: pd.DataFrame, x: str, metric: str, hue: str, palette: dic
 
 
 def _oracle_lines(axis, runs: pd.DataFrame, metric: str, palette: dict) -> bool:
-    """Dashed horizontal lines: each detector fitted on the healthy part of the training set."""
+    """Dashed horizontal lines: each detector fitted on the healthy part of the training set;
+    ``palette`` is keyed by detector label."""
     oracle = runs[runs["strategy"] == "oracle"]
     if oracle.empty:
         return False
-    means = category_means(oracle, metric, ["detector"]).groupby("detector")[metric].mean()
+    means = _labelled(category_means(oracle, metric, ["detector"]), detector_labels(oracle))
+    means = means.groupby("detector")[metric].mean()
     for detector, value in means.items():
         if detector in palette and np.isfinite(value):
             axis.axhline(value, color=palette[detector], linestyle="--", linewidth=1.2)
@@ -85,11 +92,12 @@ def _oracle_lines(axis, runs: pd.DataFrame, metric: str, palette: dict) -> bool:
 def plot_pollution_curve(runs: pd.DataFrame, metric: str, paths: Sequence[str], title: str = ""):
     """Figures 3, 7, 8: ``metric`` against the pollution ratio, one line per detector."""
     curve = runs[runs["strategy"] == "none"]
-    palette = _palette(list(curve["detector"].unique()))
+    labels = detector_labels(curve)
+    palette = _palette(list(labels.values()))
     figure, axis = plt.subplots(figsize=(6, 4))
     _lines(
         axis,
-        category_means(curve, metric, ["detector", "pollution_ratio"]),
+        _labelled(category_means(curve, metric, ["detector", "pollution_ratio"]), labels),
         "pollution_ratio",
         metric,
         "detector",
@@ -117,11 +125,12 @@ def plot_refinement_curve(
         refined, _ = refiner_runs(runs, refiner)
     if refined.empty:
         raise ValueError(f"no run with strategy {strategy!r} (refiner {refiner!r}) to plot")
-    palette = _palette(list(runs.loc[runs["strategy"] != "none", "detector"].unique()))
+    labels = detector_labels(runs[runs["strategy"] != "none"])
+    palette = _palette(list(labels.values()))
     figure, axis = plt.subplots(figsize=(6, 4))
     _lines(
         axis,
-        category_means(refined, metric, ["detector", "refinement_ratio"]),
+        _labelled(category_means(refined, metric, ["detector", "refinement_ratio"]), labels),
         "refinement_ratio",
         metric,
         "detector",
@@ -144,7 +153,8 @@ def plot_strategies(
     """Figure 5: one panel per detector, ``metric`` against the refinement ratio for each
     refinement strategy, the oracle dashed."""
     refined = runs[runs["strategy"].isin(strategies)]
-    detectors = list(refined["detector"].unique())
+    labels = detector_labels(refined)
+    detectors = list(labels)
     present = [s for s in strategies if s in set(refined["strategy"])]
     colours = _palette([strategy_label(s) for s in present])
     n_columns = min(len(detectors), 2)
@@ -163,9 +173,10 @@ def plot_strategies(
             "strategy",
             colours,
         )
-        if _oracle_lines(axis, runs[runs["detector"] == detector], metric, {detector: "black"}):
+        oracle_colour = {labels[detector]: "black"}
+        if _oracle_lines(axis, runs[runs["detector"] == detector], metric, oracle_colour):
             axis.text(0.01, 0.01, ORACLE_NOTE, transform=axis.transAxes, fontsize=7)
-        axis.set(title=detector, xlabel=REFINEMENT_AXIS, ylabel=AXIS_LABELS[metric])
+        axis.set(title=labels[detector], xlabel=REFINEMENT_AXIS, ylabel=AXIS_LABELS[metric])
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(detectors) :]:
         axis.set_visible(False)
@@ -178,7 +189,8 @@ def plot_recovery(table: pd.DataFrame, paths: Sequence[str]):
     detector; the whisker is the gain's paired interval divided by the loss. Where the loss is
     below the table's ``min_loss`` the recovery is empty and no bar is drawn."""
     metrics = list(dict.fromkeys(table["metric"]))
-    detectors = list(dict.fromkeys(table["detector"]))
+    labels = detector_labels(table)
+    detectors = list(labels)
     colours = _palette(detectors)
     figure, axes = plt.subplots(
         1, max(1, len(metrics)), figsize=(1.2 + 0.9 * table["strategy"].nunique(), 4.2),
@@ -196,7 +208,7 @@ def plot_recovery(table: pd.DataFrame, paths: Sequence[str]):
             shown = np.isfinite(recovery)
             x = np.arange(len(strategies)) + (offset - (len(detectors) - 1) / 2) * width
             axis.bar(x, np.where(shown, recovery, 0.0), width, color=colours[detector],
-                     label=detector)  # fmt: skip
+                     label=labels[detector])  # fmt: skip
             whiskers = shown & np.isfinite(low) & np.isfinite(high)
             axis.errorbar(
                 x[whiskers], recovery[whiskers],
@@ -214,6 +226,6 @@ def plot_recovery(table: pd.DataFrame, paths: Sequence[str]):
             ylabel="recovered at r = p (%)",
         )
         axis.grid(alpha=0.3, axis="y")
-    axes.flat[0].legend(fontsize=8)
+    axes.flat[0].legend(title="detector", fontsize=8)
     figure.tight_layout()
     save_figure(figure, paths)

@@ -3,11 +3,15 @@
 Each claim compares two conditions that share their splits: the same seed gives the same
 polluted training set and test set to both. The unit of pairing is the seed; the value per seed
 is the metric averaged over categories (the paper's "Mean" row). The report gives the mean
-paired difference and a two-sided t confidence interval (n_seeds - 1 degrees of freedom).
+paired difference and a two-sided t confidence interval (n_seeds - 1 degrees of freedom), per
+claim: not adjusted for the number of claims tested. A seed where the conditions of a claim do
+not average the same categories (one lacks a category, or a seed) would pair two different
+averages: it is dropped, and the row's ``note`` names it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import combinations
 
 import numpy as np
@@ -15,9 +19,11 @@ import pandas as pd
 from scipy import stats
 
 from sroc import strategies
+from sroc.report.labels import detector_labels
 from sroc.report.tables import refiner_runs, seed_means
 
-STAT_COLUMNS = ["n_seeds", "mean_difference", "std_difference", "ci_low", "ci_high"]
+STAT_COLUMNS = ["n_seeds", "mean_difference", "std_difference", "ci_low", "ci_high", "note"]
+CLAIM_COLUMNS = ["claim", "comparison", "detector", "metric", *STAT_COLUMNS]
 
 
 def paired_difference(a: pd.Series, b: pd.Series, confidence: float = 0.95) -> dict:
@@ -51,6 +57,42 @@ def _at_ratio(runs: pd.DataFrame, column: str, ratio: float) -> pd.DataFrame:
     return runs[np.isclose(runs[column].to_numpy(), ratio)]
 
 
+def comparable_seeds(conditions: Sequence[pd.DataFrame], metric: str) -> tuple[list, list]:
+    """The seeds at which every condition has ``metric`` for the same categories, and the other
+    seeds any condition holds (dropped: their category means would average different sets)."""
+    coverage = [
+        condition[condition[metric].notna()].groupby("seed")["category"].agg(frozenset)
+        for condition in conditions
+    ]
+    seeds = set().union(*(covered.index for covered in coverage))
+    kept = [
+        seed
+        for seed in sorted(seeds)
+        if all(seed in covered.index for covered in coverage)
+        and len({covered[seed] for covered in coverage}) == 1
+    ]
+    return kept, sorted(seeds - set(kept))
+
+
+def paired_claim(metric: str, plus: Sequence[pd.DataFrame], minus: Sequence[pd.DataFrame]) -> dict:
+    """:func:`paired_difference` of the category means, summed over the conditions ``plus``
+    minus those summed over ``minus``, on the seeds where all of them cover the same
+    categories; ``note`` names the seeds dropped."""
+    kept, dropped = comparable_seeds([*plus, *minus], metric)
+
+    def total(conditions: Sequence[pd.DataFrame]) -> pd.Series:
+        means = [seed_means(c[c["seed"].isin(kept)], metric, []) for c in conditions]
+        return sum(means[1:], means[0])
+
+    note = (
+        f"seed(s) {', '.join(map(str, dropped))} dropped: the two conditions do not cover the "
+        "same categories there"
+        if dropped
+        else ""
+    )
+    return {**paired_difference(total(plus), total(minus)), "note": note}
+
+
 def refinement_gains(
     runs: pd.DataFrame, metric: str = "image_auroc", refiner: str = "mahalanobis"
 ) -> pd.DataFrame:
@@ -67,10 +109,10 @@ def refinement_gains(
         if subset.empty:
             continue
         pollution = float(subset["pollution_ratio"].iloc[0])
-        after = seed_means(_at_ratio(subset, "refinement_ratio", pollution), metric, ["detector"])
-        before = seed_means(_at_ratio(subset, "refinement_ratio", 0.0), metric, ["detector"])
-        for detector in subset["detector"].unique():
-            if detector not in after.index or detector not in before.index:
+        for detector, own_runs in subset.groupby("detector", sort=False):
+            after = _at_ratio(own_runs, "refinement_ratio", pollution)
+            before = _at_ratio(own_runs, "refinement_ratio", 0.0)
+            if after.empty or before.empty:
                 continue
             rows.append(
                 {
@@ -78,10 +120,10 @@ def refinement_gains(
                     "comparison": f"{strategy} at {100 * pollution:g}% refinement minus unrefined",
                     "detector": detector,
                     "metric": metric,
-                    **paired_difference(after.loc[detector], before.loc[detector]),
+                    **paired_claim(metric, [after], [before]),
                 }
             )
-    return pd.DataFrame(rows, columns=["claim", "comparison", "detector", "metric", *STAT_COLUMNS])
+    return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
 
 
 def refiner_gains(
@@ -94,14 +136,13 @@ def refiner_gains(
     sroc = runs[runs["strategy"] == "sroc"]
     rows = []
     if by_refiner.empty or sroc.empty:
-        return pd.DataFrame(
-            rows, columns=["claim", "comparison", "detector", "metric", *STAT_COLUMNS]
-        )
+        return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
     pollution = float(by_refiner["pollution_ratio"].iloc[0])
-    refined = seed_means(_at_ratio(by_refiner, "refinement_ratio", pollution), metric, ["detector"])
-    reference = seed_means(_at_ratio(sroc, "refinement_ratio", pollution), metric, ["detector"])
+    refined = _at_ratio(by_refiner, "refinement_ratio", pollution)
+    reference = _at_ratio(sroc, "refinement_ratio", pollution)
     for detector in by_refiner["detector"].unique():
-        if detector not in reference.index:
+        own_reference = reference[reference["detector"] == detector]
+        if own_reference.empty:
             continue
         rows.append(
             {
@@ -110,10 +151,10 @@ def refiner_gains(
                 f"{100 * pollution:g}% refinement",
                 "detector": detector,
                 "metric": metric,
-                **paired_difference(refined.loc[detector], reference.loc[detector]),
+                **paired_claim(metric, [refined[refined["detector"] == detector]], [own_reference]),
             }
         )
-    return pd.DataFrame(rows, columns=["claim", "comparison", "detector", "metric", *STAT_COLUMNS])
+    return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
 
 
 def robustness_differences(
@@ -124,11 +165,19 @@ def robustness_differences(
     less."""
     curve = runs[runs["strategy"] == "none"]
     high = float(curve["pollution_ratio"].max()) if high is None else high
-    drop = seed_means(_at_ratio(curve, "pollution_ratio", low), metric, ["detector"]) - seed_means(
-        _at_ratio(curve, "pollution_ratio", high), metric, ["detector"]
+    clean, polluted = (
+        _at_ratio(curve, "pollution_ratio", low),
+        _at_ratio(curve, "pollution_ratio", high),
     )
     rows = []
+
+    def of(condition: pd.DataFrame, detector: str) -> pd.DataFrame:
+        return condition[condition["detector"] == detector]
+
     for first, second in combinations(list(curve["detector"].unique()), 2):
+        # (A clean - A polluted) - (B clean - B polluted)
+        plus = [of(clean, first), of(polluted, second)]
+        minus = [of(polluted, first), of(clean, second)]
         rows.append(
             {
                 "claim": "A more robust than B",
@@ -136,10 +185,10 @@ def robustness_differences(
                 f"{first} minus {second}",
                 "detector": f"{first} vs {second}",
                 "metric": metric,
-                **paired_difference(drop.loc[first], drop.loc[second]),
+                **paired_claim(metric, plus, minus),
             }
         )
-    return pd.DataFrame(rows, columns=["claim", "comparison", "detector", "metric", *STAT_COLUMNS])
+    return pd.DataFrame(rows, columns=CLAIM_COLUMNS)
 
 
 def paired_statistics(
@@ -154,3 +203,13 @@ def paired_statistics(
         ],
         ignore_index=True,
     )
+
+
+def with_detector_labels(claims: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """``claims`` with the detectors under their labels (``KNN vs PaDiM``), for Markdown and
+    LaTeX; the CSV keeps the configured names."""
+    labels = detector_labels(runs)
+    detectors = claims["detector"].map(
+        lambda pair: " vs ".join(labels.get(name, name) for name in pair.split(" vs "))
+    )
+    return claims.assign(detector=detectors)

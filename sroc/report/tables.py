@@ -1,9 +1,13 @@
 """Tables 1, 2 and 4 of the paper from the results table ``runs.parquet``.
 
-Every cell is a mean over seeds with its standard deviation. The ``mean`` rows average the
-categories within each seed first, so their standard deviation measures how the benchmark's mean
-varies with the split, as in Table 1 of the paper. Values stay in [0, 1] in the CSV; Markdown and
-LaTeX print AUROC and the refinement scores in percent, as the paper does.
+Every cell is a mean over seeds with its standard deviation (ddof 1). The mean rows average the
+categories within each seed, then over seeds; their standard deviation is the mean of the
+categories' standard deviations, which is what the paper's Mean-row stds match (its Table 1:
+1.0, 0.8, 0.7, 0.3 against 1.15, 0.82, 0.75, 0.29), not the spread of the seeds' category mean
+(two to three times smaller; :mod:`sroc.report.stats` pairs on that one). Values stay in [0, 1]
+in the CSV with every standard deviation; Markdown and LaTeX print as the paper does: AUROC and
+the refinement scores in percent, a standard deviation only where the paper prints one, "-"
+where a value is undefined.
 """
 
 from __future__ import annotations
@@ -15,15 +19,18 @@ import numpy as np
 import pandas as pd
 
 from sroc.io import atomic_path
+from sroc.report.labels import detector_label, detector_labels, ordered_categories
 
 METRIC_NAMES = {
     "image_auroc": "AUROC",
     "au_iou": "AU-IoU",
     "au_pro": "AU-PRO",
-    "precision": "Refin. precision",
-    "recall": "Refin. recall",
+    "precision": "Refin. Precision",
+    "recall": "Refin. Recall",
     "f1": "Refin. F1",
 }
+# The paper's mean rows: "Mean AUC" for the image AUROC.
+MEAN_ROW_NAMES = {"image_auroc": "Mean AUC", "au_iou": "Mean AU-IoU", "au_pro": "Mean AU-PRO"}
 PIXEL_METRICS = ("au_iou", "au_pro")
 REFINEMENT_SCORES = ("precision", "recall", "f1")
 PERCENT_METRICS = ("image_auroc", *REFINEMENT_SCORES)
@@ -33,6 +40,7 @@ CELL_COLUMNS = ["row", "metric", "detector", "ratio", "mean", "std", "n_seeds"]
 
 REQUIRED_COLUMNS = [
     "dataset",
+    "protocol",
     "category",
     "seed",
     "detector",
@@ -47,7 +55,9 @@ REQUIRED_COLUMNS = [
     "precision",
     "recall",
     "f1",
+    "n_removed",
 ]
+ZERO_SPREAD = 1e-12  # a std below this is rounding: every seed gave the same number
 
 
 def read_runs(path) -> pd.DataFrame:
@@ -95,28 +105,51 @@ def seed_means(runs: pd.DataFrame, metric: str, by: Sequence[str]) -> pd.Series:
 
 def seed_statistics(runs: pd.DataFrame, metric: str, by: Sequence[str]) -> pd.DataFrame:
     """Mean, standard deviation (ddof 1) and number of seeds of ``metric`` per ``by`` and
-    category, the category ``mean`` included."""
+    category, categories in the paper's order. The category ``mean``: the mean over seeds of the
+    per-seed category average, and as std the mean of the categories' stds (the paper's)."""
+    by = list(by)
     values = seed_values(runs, metric, by)
     grouped = values.groupby([*by, "category"], sort=False)[metric]
-    stats = grouped.agg(["mean", "std"]).join(grouped.count().rename("n_seeds"))
-    return stats.reset_index()
+    stats = grouped.agg(["mean", "std"]).join(grouped.count().rename("n_seeds")).reset_index()
+    is_mean = stats["category"] == MEAN
+    category_std = stats[~is_mean].groupby(by, sort=False, as_index=False)["std"].mean()
+    stats = stats.merge(category_std.rename(columns={"std": "category_std"}), on=by, how="left")
+    stats["std"] = np.where(is_mean, stats["category_std"], stats["std"])
+    order = {c: i for i, c in enumerate(ordered_categories(stats.loc[~is_mean, "category"]))}
+    position = stats["category"].map(order).fillna(len(order))
+    stats = stats.assign(position=position).sort_values("position", kind="stable")
+    return stats.drop(columns=["category_std", "position"]).reset_index(drop=True)
+
+
+def without_empty_refinements(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with the refinement scores undefined (NaN) where nothing was removed: the
+    results table holds recall = F1 = 0 there (no defective image removed), which the paper
+    prints as "-"."""
+    runs = runs.copy()
+    runs.loc[runs["n_removed"] == 0, list(REFINEMENT_SCORES)] = np.nan
+    return runs
 
 
 @dataclass
 class PaperTable:
     """A table laid out as in the paper: rows (categories, then mean rows), columns detector x
-    ratio. ``cells`` holds one row per cell with columns :data:`CELL_COLUMNS`."""
+    ratio. ``cells`` holds one row per cell with columns :data:`CELL_COLUMNS`; ``labels`` maps
+    each detector to its printed name, in column order; ``std_rows`` are the rows printed with
+    their standard deviation (the paper prints none in the others)."""
 
     cells: pd.DataFrame
     ratio_label: str
+    labels: dict[str, str]
     note: str = ""
     n_category_rows: int = 0
+    std_rows: tuple[str, ...] = ()
 
     def rows(self) -> list[str]:
         return list(dict.fromkeys(self.cells["row"]))
 
     def columns(self) -> list[tuple[str, float]]:
-        detectors = list(dict.fromkeys(self.cells["detector"]))
+        present = set(self.cells["detector"])
+        detectors = [detector for detector in self.labels if detector in present]
         ratios = sorted(self.cells["ratio"].unique())
         return [(detector, ratio) for detector in detectors for ratio in ratios]
 
@@ -127,8 +160,22 @@ class PaperTable:
         )
         return wide.reindex(index=self.rows(), columns=pd.MultiIndex.from_tuples(self.columns()))
 
+    def printed_std(self) -> pd.DataFrame:
+        """The standard deviations as printed: only in ``std_rows``, and not in a column where no
+        number varies with the seed (Table 1's 0 % column when the pollution set is fixed: the
+        seeds then train on the same images), NaN elsewhere."""
+        stds = self.values("std")
+        no_spread = (stds.fillna(0).abs() < ZERO_SPREAD).all()
+        shown = pd.DataFrame(
+            np.outer(stds.index.isin(self.std_rows), ~no_spread.to_numpy()),
+            index=stds.index,
+            columns=stds.columns,
+        )
+        return stds.where(shown)
+
     def to_csv_frame(self) -> pd.DataFrame:
-        """Flat numeric layout: columns ``<detector> <ratio %> mean`` and ``... std`` per cell."""
+        """Flat numeric layout: columns ``<detector> <ratio %> mean`` and ``... std`` per cell,
+        every standard deviation included."""
         means, stds = self.values("mean"), self.values("std")
         metric_of_row = self.cells.drop_duplicates("row").set_index("row")["metric"]
         frame = pd.DataFrame({"row": self.rows(), "metric": metric_of_row[self.rows()].values})
@@ -139,8 +186,8 @@ class PaperTable:
         return frame
 
     def formatted(self) -> pd.DataFrame:
-        """Strings as printed in the paper: ``93.3 ± 0.5`` (percent) or ``0.135 ± 0.004``."""
-        means, stds = self.values("mean"), self.values("std")
+        """Strings as printed in the paper: ``93.3 ± 0.5`` (percent), ``0.135``, ``-``."""
+        means, stds = self.values("mean"), self.printed_std()
         metric_of_row = self.cells.drop_duplicates("row").set_index("row")["metric"]
         out = pd.DataFrame(index=self.rows(), columns=pd.MultiIndex.from_tuples(self.columns()))
         for row in self.rows():
@@ -152,9 +199,13 @@ class PaperTable:
 
     def to_markdown(self) -> str:
         formatted = self.formatted()
-        formatted.columns = [f"{d} {_percent(r)}" for d, r in formatted.columns]
+        formatted.columns = [f"{self.labels[d]} {_percent(r)}" for d, r in formatted.columns]
         formatted.index.name = f"category \\ {self.ratio_label.lower()}"
-        text = formatted.reset_index().to_markdown(index=False, stralign="right") + "\n"
+        # disable_numparse: tabulate would reprint "100.0" as "100" and "0.240" as "0.24".
+        text = formatted.reset_index().to_markdown(
+            index=False, stralign="right", disable_numparse=True
+        )
+        text += "\n"
         return text + (f"\nNote: {self.note}\n" if self.note else "")
 
     def to_latex(self) -> str:
@@ -165,7 +216,10 @@ class PaperTable:
             f"% {self.note}" if self.note else "%",
             r"\begin{tabular}{l" + ("|" + "c" * n_ratios) * len(detectors) + "}",
             r"\toprule",
-            " & ".join([""] + [rf"\multicolumn{{{n_ratios}}}{{c}}{{{_tex(d)}}}" for d in detectors])
+            " & ".join(
+                [""]
+                + [rf"\multicolumn{{{n_ratios}}}{{c}}{{{_tex(self.labels[d])}}}" for d in detectors]
+            )
             + r" \\",
             " & ".join([_tex(self.ratio_label)] + [_tex(_percent(r)) for _, r in self.columns()])
             + r" \\",
@@ -261,39 +315,50 @@ def _select_ratios(runs: pd.DataFrame, column: str, ratios: Sequence[float]) -> 
     return runs[chosen]
 
 
-def _category_table(parts: list[pd.DataFrame], ratio_label: str, note: str) -> PaperTable:
+def _category_table(
+    runs: pd.DataFrame, parts: list[pd.DataFrame], ratio_label: str, note: str, std_rows=()
+) -> PaperTable:
     """A table whose first part holds the per-category rows followed by its mean row."""
     cells = pd.concat(parts, ignore_index=True)
     n_categories = parts[0]["row"].nunique() - 1
-    return PaperTable(cells, ratio_label, note, n_category_rows=n_categories)
+    return PaperTable(
+        cells, ratio_label, detector_labels(runs), note, n_categories, tuple(std_rows)
+    )
 
 
-def _pixel_rows(runs: pd.DataFrame, ratio_column: str, suffix: str = "") -> list[pd.DataFrame]:
+def _pixel_rows(runs: pd.DataFrame, ratio_column: str) -> list[pd.DataFrame]:
     return [
-        _cells(runs, metric, ratio_column, False, f"Mean {METRIC_NAMES[metric]}{suffix}")
+        _cells(runs, metric, ratio_column, False, MEAN_ROW_NAMES[metric])
         for metric in PIXEL_METRICS
     ]
 
 
 def table1(runs: pd.DataFrame, ratios: Sequence[float] = (0.0, 0.2)) -> PaperTable:
     """Table 1: per-category AUROC of the unrefined detectors at each pollution ratio in
-    ``ratios``, mean rows of AUROC, AU-IoU and AU-PRO."""
+    ``ratios``, mean rows of AUROC, AU-IoU and AU-PRO. As in the paper, the AUROC rows print
+    their standard deviation, the pixel rows do not."""
     runs = _select_ratios(runs[runs["strategy"] == "none"], "pollution_ratio", ratios)
-    parts = [_cells(runs, "image_auroc", "pollution_ratio", True, "Mean AUROC")]
+    auroc = _cells(runs, "image_auroc", "pollution_ratio", True, MEAN_ROW_NAMES["image_auroc"])
+    parts = [auroc]
     note = ""
     if has_masks(runs):
         parts += _pixel_rows(runs, "pollution_ratio")
     else:
         note = no_mask_note(runs)
-    return _category_table(parts, "Pollution", note)
+    return _category_table(runs, parts, "Pollution", note, std_rows=auroc["row"].unique())
 
 
 def table2(runs: pd.DataFrame, ratios: Sequence[float] = (0.0, 0.2, 0.4)) -> PaperTable:
     """Table 2: SROC at refinement ratios ``ratios`` of the polluted training set: per-category
-    AUROC, mean pixel metrics and the mean refinement precision, recall and F1."""
+    AUROC, mean pixel metrics and the mean refinement precision, recall and F1. No standard
+    deviation is printed (the paper prints none; the CSV holds them)."""
     runs = _select_ratios(runs[runs["strategy"] == "sroc"], "refinement_ratio", ratios)
-    parts = [_cells(runs, "image_auroc", "refinement_ratio", True, "Mean AUROC")]
-    note = "Refinement precision, recall and F1 are undefined (-) when nothing is removed."
+    runs = without_empty_refinements(runs)
+    parts = [_cells(runs, "image_auroc", "refinement_ratio", True, MEAN_ROW_NAMES["image_auroc"])]
+    note = (
+        "Refinement precision, recall and F1 are undefined (-) when nothing is removed. "
+        "Standard deviations over seeds are in the CSV, not printed, as in the paper."
+    )
     if has_masks(runs):
         parts += _pixel_rows(runs, "refinement_ratio")
     else:
@@ -302,7 +367,7 @@ def table2(runs: pd.DataFrame, ratios: Sequence[float] = (0.0, 0.2, 0.4)) -> Pap
         _cells(runs, score, "refinement_ratio", False, METRIC_NAMES[score])
         for score in REFINEMENT_SCORES
     ]
-    return _category_table(parts, "Refinement", note)
+    return _category_table(runs, parts, "Refinement", note)
 
 
 def refiner_runs(runs: pd.DataFrame, refiner: str) -> tuple[pd.DataFrame, list[str]]:
@@ -319,7 +384,8 @@ def table4(
     runs: pd.DataFrame, refiner: str = "mahalanobis", ratios: Sequence[float] = (0.0, 0.2, 0.4)
 ) -> PaperTable:
     """Table 4: mean metrics of SROC refined by each detector itself (reference) and by
-    ``refiner``'s ranking, at refinement ratios ``ratios``."""
+    ``refiner``'s ranking, at refinement ratios ``ratios``. No standard deviation is printed
+    (the paper prints none; the CSV holds them)."""
     reference = _select_ratios(runs[runs["strategy"] == "sroc"], "refinement_ratio", ratios)
     refined, own = refiner_runs(runs, refiner)
     if refined.empty:
@@ -329,12 +395,17 @@ def table4(
         )
     refined = _select_ratios(refined, "refinement_ratio", ratios)
     metrics = ["image_auroc", *PIXEL_METRICS] if has_masks(runs) else ["image_auroc"]
+    refiner_name = detector_label(refiner, refiner)
     parts = []
     for metric in metrics:
-        name = f"Mean {METRIC_NAMES[metric]}"
+        name = MEAN_ROW_NAMES[metric]
         parts.append(_cells(reference, metric, "refinement_ratio", False, f"{name} (reference)"))
-        parts.append(_cells(refined, metric, "refinement_ratio", False, f"{name} ({refiner})"))
+        parts.append(_cells(refined, metric, "refinement_ratio", False, f"{name} ({refiner_name})"))
     notes = [] if has_masks(runs) else [no_mask_note(runs)]
+    labels = detector_labels(runs)
     if own:
-        notes.append(f"{', '.join(own)}: refined by its own ranking, the reference rows repeat.")
-    return PaperTable(pd.concat(parts, ignore_index=True), "Refinement", " ".join(notes))
+        own_labels = ", ".join(labels[detector] for detector in own)
+        notes.append(f"{own_labels}: refined by its own ranking, the reference rows repeat.")
+    notes.append("Standard deviations over seeds are in the CSV, not printed, as in the paper.")
+    cells = pd.concat(parts, ignore_index=True)
+    return PaperTable(cells, "Refinement", labels, " ".join(notes))
