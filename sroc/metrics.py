@@ -253,7 +253,7 @@ class PixelGroundTruth:
                 raise ValueError(
                     f"anomaly map {index} has shape {np.shape(score_map)} but its ground-truth "
                     f"mask has shape {shape} (pixel resolution: {self.resolution_label}); bring "
-                    f"maps to the mask size with sroc.detectors.resize_maps"
+                    f"maps to the mask size with sroc.geometry.resize_maps"
                 )
         if isinstance(maps, np.ndarray):
             scores = (maps[~self.excluded] if self.n_excluded else maps).reshape(-1)

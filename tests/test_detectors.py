@@ -17,17 +17,16 @@ from sklearn.exceptions import NotFittedError
 from sroc import detectors
 from sroc.detectors import (
     DETECTORS,
+    BaseDetector,
     KNNDetector,
     MahalanobisDetector,
     PaDiMDetector,
-    crop_resize_maps,
     estimate_memory_mb,
     ledoit_wolf,
     make_detector,
-    resize_maps,
-    scale_sigma,
     validate_params,
 )
+from sroc.geometry import crop_resize_maps, resize_maps, scale_sigma
 
 RTOL = 1e-5
 STAGES = {"s1": (6, 8, 8), "s2": (10, 4, 4), "s3": (12, 2, 2)}
@@ -510,13 +509,113 @@ def test_registry_and_parameter_errors():
     assert isinstance(make_detector("padim", n_features=3), PaDiMDetector)
     for name in DETECTORS:  # the workflow passes the run seed to every detector
         make_detector(name, random_state=4)
-    with pytest.raises(ValueError, match="unknown detector 'spade'"):
+    with pytest.raises(ValueError, match=r"unknown detector type 'spade'.*\['knn', 'mahal"):
         make_detector("spade")
     with pytest.raises(ValueError, match=r"no parameter\(s\) \['k'\]"):
         make_detector("knn", k=5)
     for name in ("knn", "mahalanobis", "padim"):  # maps are resized and smoothed once, outside
         with pytest.raises(ValueError, match=r"no parameter\(s\) \['map_sigma', 'map_size'\]"):
             make_detector(name, map_size=20, map_sigma=1.5)
+
+
+class _PooledGaussian(BaseDetector):
+    """A toy detector, as a user's plugin would write one: an isotropic Gaussian on the pooled
+    features; image score, the distance to the mean; no maps."""
+
+    runtime_seconds_per_image = 0.001
+    supports_exclude_self = True
+
+    def __init__(self, scale: float = 1.0, stages=None, exclude_self=False, n_jobs=None):
+        self.scale = scale
+        self.stages = stages
+        self.exclude_self = exclude_self
+        self.n_jobs = n_jobs
+
+    def _fit(self, features):
+        self.mean_ = detectors.base.gap_embedding(features, self.stages_).mean(axis=0)
+
+    def _score(self, features, maps):
+        embeddings = detectors.base.gap_embedding(features, self.stages_)
+        return self.scale * np.linalg.norm(embeddings - self.mean_, axis=1), None
+
+    def _estimate_state_mb(self, n_train, n_test, shapes):
+        return (n_train + n_test) * sum(chw[0] for chw in shapes.values()) * 8 / 2**20
+
+    def fit_flops(self, shapes, n_fit):
+        return n_fit * detectors.base.gap_pooling_flops(self.used_shapes(shapes))
+
+    def score_flops(self, shapes, n_fit, n_score, maps):
+        return n_score * detectors.base.gap_pooling_flops(self.used_shapes(shapes))
+
+
+@pytest.fixture
+def toy_detector():
+    """The toy class registered as "toy_gaussian" for one test, then unregistered."""
+    cls = type("ToyGaussian", (_PooledGaussian,), {}, name="toy_gaussian", label="Toy")
+    yield cls
+    del DETECTORS["toy_gaussian"]
+
+
+def test_a_class_defined_anywhere_registers_itself(toy_detector, train, test):
+    assert DETECTORS["toy_gaussian"] is toy_detector
+    assert detectors.detector_class("toy_gaussian") is toy_detector
+    assert (toy_detector.name, toy_detector.label) == ("toy_gaussian", "Toy")
+    assert _PooledGaussian not in DETECTORS.values()  # no name: an abstract base
+    detector = make_detector("toy_gaussian", scale=2.0, stages=["s1"])
+    scores, maps = detector.fit(train).score(test, maps=False)
+    assert maps is None and scores.shape == (5,) and np.all(scores > 0)
+    validate_params("toy_gaussian", {"scale": 3.0}, "detectors[4] (toy)")
+    with pytest.raises(ValueError, match=r"detectors\[4\].*'n_jobs'"):
+        validate_params("toy_gaussian", {"n_jobs": 2}, "detectors[4] (toy)")
+    with pytest.raises(ValueError, match=r"toy_gaussian has no parameter 'k'.*'scale'"):
+        validate_params("toy_gaussian", {"k": 3}, "detectors[4] (toy)")
+    shapes = {s: a.shape[1:] for s, a in train.items()}
+    estimate = estimate_memory_mb("toy_gaussian", {"stages": ["s1"]}, 12, 5, shapes)
+    assert estimate > detectors.INTERPRETER_OVERHEAD_MB
+
+
+def test_a_duplicate_or_incomplete_detector_fails_at_definition():
+    with pytest.raises(ValueError, match=r"'knn' is already registered by .*KNNDetector"):
+        type("OtherKNN", (_PooledGaussian,), {}, name="knn", label="KNN")
+    with pytest.raises(ValueError, match="label"):
+        type("Unlabelled", (_PooledGaussian,), {}, name="unlabelled")
+    with pytest.raises(ValueError, match="runtime_seconds_per_image"):
+        type("Costless", (BaseDetector,), {}, name="costless", label="Costless")
+    with pytest.raises(ValueError, match="has_patch_bank is True but __init__ takes no "):
+        type("NoBank", (_PooledGaussian,), {"has_patch_bank": True}, name="nobank", label="B")
+    assert not {"unlabelled", "costless", "nobank"} & set(DETECTORS)
+    assert DETECTORS["knn"] is KNNDetector
+
+
+def test_every_registered_detector_describes_itself(train, test):
+    """Label, runtime cost, capabilities and FLOP models: what the workflow, the refinement
+    strategies and the runtime projection ask a detector class."""
+    labels = {name: cls.label for name, cls in DETECTORS.items()}
+    assert labels == {
+        "knn": "KNN",
+        "mahalanobis": "Mahalanobis",
+        "padim": "PaDiM",
+        "patchcore": "PatchCore",
+    }
+    shapes = {s: a.shape[1:] for s, a in train.items()}
+    for name, cls in DETECTORS.items():
+        assert cls.name == name
+        assert cls.runtime_seconds_per_image > 0
+        assert cls.supports_exclude_self and "exclude_self" in cls._get_param_names()
+        assert cls.has_patch_bank == (name == "patchcore")
+        assert cls.has_patch_bank == ("excluded_patches" in cls._get_param_names())
+        detector = make_detector(name).fit(train)
+        for flops in (
+            detector.fit_flops(shapes, 12),
+            detector.score_flops(shapes, 12, 5, True),
+            detector.score_flops(shapes, 12, 5, False),
+        ):
+            assert math.isfinite(flops) and flops > 0, name
+        assert detector.score_flops(shapes, 12, 10, True) > detector.score_flops(
+            shapes, 12, 5, True
+        )
+    with pytest.raises(NotImplementedError, match="no FLOP model"):
+        BaseDetector.fit_flops(make_detector("knn"), shapes, 12)
 
 
 @pytest.mark.parametrize("name", ["knn", "mahalanobis", "padim"])

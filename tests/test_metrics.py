@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from sroc.detectors import resize_maps
+from sroc.geometry import resize_maps
 from sroc.metrics import (
     PixelGroundTruth,
     image_auroc,

@@ -1,4 +1,5 @@
-"""Anomaly-map post-processing: resize to a target size and smooth, in one place."""
+"""Map geometry shared by the detectors' outputs and the evaluation: resize anomaly maps to a
+target size (whole or a box of the grid) and smooth them, in one place."""
 
 from __future__ import annotations
 
