@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
-from sklearn.exceptions import NotFittedError
 
 from sroc import detectors
 from sroc.detectors import (
@@ -20,13 +22,15 @@ from sroc.detectors import (
     BaseDetector,
     KNNDetector,
     MahalanobisDetector,
+    NotFittedError,
     PaDiMDetector,
     estimate_memory_mb,
     ledoit_wolf,
     make_detector,
     validate_params,
 )
-from sroc.geometry import crop_resize_maps, resize_maps, scale_sigma
+from sroc.detectors.base import upsample_maps
+from sroc.geometry import bilinear_resize, crop_resize_maps, resize_maps, scale_sigma
 
 RTOL = 1e-5
 STAGES = {"s1": (6, 8, 8), "s2": (10, 4, 4), "s3": (12, 2, 2)}
@@ -154,6 +158,105 @@ def assert_close(actual, expected, rtol=RTOL, atol=1e-6):
 # ---------------------------------------------------------------------------------------------
 # Map post-processing and shared pieces
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# The numpy kernels that replaced torch's, against torch itself
+# ---------------------------------------------------------------------------------------------
+
+
+def test_importing_the_detectors_loads_neither_torch_nor_scikit_learn():
+    """Grid jobs import these modules; torch and scikit-learn cost them 3 s and 500 MB."""
+    code = (
+        "import sys; import sroc.detectors, sroc.evaluation, sroc.metrics, sroc.geometry; "
+        "print(sorted({'torch', 'sklearn', 'faiss'} & set(sys.modules)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "in_hw, out_hw", [((6, 4), (12, 8)), ((5, 7), (13, 9)), ((8, 8), (3, 5)), ((4, 4), (4, 9))]
+)
+def test_bilinear_resize_equals_torch_interpolate(in_hw, out_hw):
+    maps = np.random.default_rng(0).normal(size=(2, 3, *in_hw)).astype(np.float32)
+    expected = F.interpolate(
+        torch.from_numpy(maps), size=out_hw, mode="bilinear", align_corners=False
+    ).numpy()
+    np.testing.assert_allclose(bilinear_resize(maps, out_hw), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        upsample_maps(maps, out_hw, "bilinear"), expected, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_nearest_upsampling_equals_torch_on_integer_strides():
+    maps = np.random.default_rng(1).normal(size=(2, 3, 6, 4)).astype(np.float32)
+    expected = F.interpolate(torch.from_numpy(maps), size=(24, 8), mode="nearest").numpy()
+    assert np.array_equal(upsample_maps(maps, (24, 8), "nearest"), expected)
+
+
+@pytest.mark.parametrize("n, size", [(12, 4), (10, 4), (7, 7), (5, 12), (3, 8), (376, 100)])
+def test_adaptive_average_pool_equals_torch(n, size):
+    rng = np.random.default_rng(n)
+    vectors = rng.normal(size=(6, n)).astype(np.float32)
+    expected = F.adaptive_avg_pool1d(torch.from_numpy(vectors)[:, None], size)[:, 0].numpy()
+    pooled = detectors.base.adaptive_average_pool(vectors, size, axis=1)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-6, atol=1e-6)
+    maps = rng.normal(size=(2, 3, n, n + 3)).astype(np.float32)
+    grid = (size, max(1, size - 1))
+    expected = F.adaptive_avg_pool2d(torch.from_numpy(maps), grid).numpy()
+    pooled = detectors.base.adaptive_average_pool(
+        detectors.base.adaptive_average_pool(maps, grid[0], axis=-2), grid[1], axis=-1
+    )
+    np.testing.assert_allclose(pooled, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_local_average_equals_torch_avg_pool(size):
+    maps = np.random.default_rng(size).normal(size=(2, 4, 7, 6)).astype(np.float32)
+    expected = F.avg_pool2d(
+        torch.from_numpy(maps), size, stride=1, padding=size // 2, count_include_pad=True
+    ).numpy()
+    actual = detectors.patchcore.local_average(maps, size)
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_triangular_and_cholesky_kernels_equal_torch():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(4, 6, 6))
+    cov = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(6)
+    centred = rng.normal(size=(4, 9, 6))
+    chol = detectors.cholesky_factors(cov, "test")
+    np.testing.assert_allclose(chol, torch.linalg.cholesky(torch.from_numpy(cov)).numpy())
+    expected = torch.linalg.solve_triangular(
+        torch.from_numpy(chol), torch.from_numpy(centred).mT, upper=False
+    ).mT.numpy()
+    np.testing.assert_allclose(detectors.whiten(chol, centred), expected, rtol=1e-10)
+    with pytest.raises(ValueError, match="singular"):
+        detectors.cholesky_factors(np.zeros((2, 3, 3)), "test")
+
+
+def test_detectors_have_scikit_learn_parameters():
+    """get_params/set_params/clone/repr as scikit-learn's BaseEstimator, without it."""
+    from sklearn.base import clone
+
+    detector = make_detector("knn", n_neighbors=3, stages=["s1"])
+    assert detector.get_params() == {
+        **KNNDetector().get_params(),
+        "n_neighbors": 3,
+        "stages": ["s1"],
+    }
+    assert repr(detector) == "KNNDetector(n_neighbors=3, stages=['s1'])"
+    copy = clone(detector)
+    assert copy is not detector and copy.get_params() == detector.get_params()
+    assert (
+        detector.set_params(metric="sqeuclidean") is detector and detector.metric == "sqeuclidean"
+    )
+    with pytest.raises(ValueError, match=r"no parameter\(s\) \['k'\]"):
+        detector.set_params(k=2)
 
 
 def test_resize_maps_matches_bilinear_then_gaussian_reference():

@@ -21,6 +21,7 @@ from sroc.detectors.base import (
     INTERPRETER_OVERHEAD_MB,
     WORKSPACE_MB,
     BaseDetector,
+    NotFittedError,
     align_stages,
     detector_class,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "BaseDetector",
     "KNNDetector",
     "MahalanobisDetector",
+    "NotFittedError",
     "PaDiMDetector",
     "PatchCoreDetector",
     "align_stages",

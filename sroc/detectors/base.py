@@ -6,14 +6,16 @@ name="knn", label="KNN")`` registers it in :data:`DETECTORS` under its config ty
 its class attributes state its runtime cost and capabilities (see :class:`BaseDetector`).
 
 Every detector follows scikit-learn conventions: hyper-parameters in ``__init__``, fitted state
-in attributes ending with ``_``. ``fit(features)`` takes the cached feature maps of the training
-images, ``score(features, maps=True)`` returns ``(image_scores (n,) float64, maps (n, h, w)
-float32)``, or ``(image_scores, None)`` with ``maps=False``, computing no map. ``features`` is a
-dict ``{stage_name: array (n_images, C, H, W)}`` ordered from the finest to the coarsest stage.
-Nothing here runs the backbone.
+in attributes ending with ``_``; ``get_params``/``set_params`` come from :class:`BaseDetector`
+itself, so that importing the detectors loads neither scikit-learn nor torch (a grid job that
+only ranks or scores would pay over a second and 500 MB for them). ``fit(features)`` takes the
+cached feature maps of the training images, ``score(features, maps=True)`` returns
+``(image_scores (n,) float64, maps (n, h, w) float32)``, or ``(image_scores, None)`` with
+``maps=False``, computing no map. ``features`` is a dict ``{stage_name: array (n_images, C, H,
+W)}`` ordered from the finest to the coarsest stage. Nothing here runs the backbone.
 
 Thread-count independence: KNN, Mahalanobis and PaDiM split their work into chunks whose size
-never depends on ``n_jobs`` and run every numerical kernel (BLAS, torch) single-threaded inside
+never depends on ``n_jobs`` and run every numerical kernel (BLAS) single-threaded inside
 a chunk; ``n_jobs`` only sets how many chunks run at once (:meth:`BaseDetector._run_chunks`).
 Each number is then computed by the same operations in the same order whatever the thread
 count, whereas a multi-threaded BLAS may split a reduction differently with 1 and 2 threads.
@@ -22,22 +24,23 @@ count, whereas a multi-threaded BLAS may split a reduction differently with 1 an
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
-import faiss
 import numpy as np
-import torch
-import torch.nn.functional as F
-from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
+
+from sroc.geometry import bilinear_resize
 
 # Resident memory of a Python process that imported numpy, torch, faiss, scikit-learn and h5py
 # (measured: about 640 MB); added to every estimate so the workflow can declare mem_mb directly.
+# The detectors no longer import torch or scikit-learn (sroc.detectors and sroc.evaluation: 140
+# MB), so it is a margin until a detector job's own peak is measured.
 INTERPRETER_OVERHEAD_MB = 700.0
 # Scratch memory that chunked computations aim to stay under.
 WORKSPACE_MB = 256.0
@@ -55,21 +58,46 @@ def _nearest_grid_indices(out_size: int, in_size: int) -> np.ndarray:
     return (np.arange(out_size) * in_size) // out_size
 
 
-def upsample_maps(maps: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Upsample (n, C, h, w) maps to ``size`` by nearest replication or bilinear interpolation."""
-    if tuple(maps.shape[-2:]) == size:
+def upsample_maps(maps: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """Upsample (..., h, w) float32 maps to ``size`` by nearest replication or bilinear
+    interpolation (half-pixel centres, :func:`sroc.geometry.bilinear_resize`)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     if mode == "nearest":
-        rows = torch.from_numpy(_nearest_grid_indices(size[0], maps.shape[-2]))
-        cols = torch.from_numpy(_nearest_grid_indices(size[1], maps.shape[-1]))
-        return maps[:, :, rows[:, None], cols[None, :]]
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        rows = _nearest_grid_indices(size[0], maps.shape[-2])
+        cols = _nearest_grid_indices(size[1], maps.shape[-1])
+        return maps[..., rows[:, None], cols[None, :]]
+    return bilinear_resize(maps, size)
 
 
-def onto_grid(maps: torch.Tensor, grid: tuple[int, int], mode: str) -> torch.Tensor:
+def adaptive_average_pool(values: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Adaptive average pooling of ``values`` along ``axis`` to ``size`` bins, as torch's
+    ``adaptive_avg_pool``: bin j averages the entries [floor(j n / size), ceil((j+1) n / size))
+    of the n along the axis (bins overlap, or repeat entries when size > n). Float32 sums."""
+    values = np.asarray(values, dtype=np.float32)
+    axis = axis % values.ndim
+    n = values.shape[axis]
+    if n == size:
+        return values
+    bins = np.arange(size)
+    starts = (bins * n) // size
+    stops = -((-(bins + 1) * n) // size)
+    # reduceat sums from each index to the next: interleaving every bin's stop keeps the bins
+    # apart, and a zero entry past the end lets a bin other than the last stop at n.
+    padding = [(0, 0)] * values.ndim
+    padding[axis] = (0, 1)
+    sums = np.add.reduceat(
+        np.pad(values, padding), np.stack([starts, stops], axis=1).ravel(), axis=axis
+    )
+    sums = np.take(sums, np.arange(0, 2 * size, 2), axis=axis)
+    counts = (stops - starts).astype(np.float32).reshape([-1] + [1] * (values.ndim - axis - 1))
+    return sums / counts
+
+
+def onto_grid(maps: np.ndarray, grid: tuple[int, int], mode: str) -> np.ndarray:
     """(n, C, h, w) maps on ``grid``: area-averaged when finer, upsampled (``mode``) otherwise."""
     if maps.shape[-2] > grid[0]:
-        maps = F.adaptive_avg_pool2d(maps, grid)
+        maps = adaptive_average_pool(adaptive_average_pool(maps, grid[0], -2), grid[1], -1)
     return upsample_maps(maps, grid, mode)
 
 
@@ -91,30 +119,29 @@ def align_stages(
     if grid is None:
         grid = max((features[s].shape[-2:] for s in stages), key=lambda hw: hw[0] * hw[1])
     grid = (int(grid[0]), int(grid[1]))
-    parts = [
-        onto_grid(torch.from_numpy(np.asarray(features[s], dtype=np.float32)), grid, mode)
-        for s in stages
-    ]
-    return torch.cat(parts, dim=1).numpy()
+    parts = [onto_grid(np.asarray(features[s], dtype=np.float32), grid, mode) for s in stages]
+    return np.concatenate(parts, axis=1)
 
 
 @contextlib.contextmanager
 def thread_limit(n_jobs: int | None) -> Iterator[None]:
-    """Limit BLAS, torch and faiss threads to ``n_jobs`` (None leaves the libraries' defaults)."""
+    """Limit BLAS, OpenMP and faiss threads to ``n_jobs`` (None leaves the libraries'
+    defaults). faiss is limited only once imported: PatchCore's IVF index imports it."""
     if n_jobs is None:
         yield
         return
     if n_jobs < 1:
         raise ValueError(f"n_jobs must be a positive int or None, got {n_jobs}")
-    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(n_jobs)
-    faiss.omp_set_num_threads(n_jobs)
+    faiss = sys.modules.get("faiss")
+    faiss_threads = faiss.omp_get_max_threads() if faiss is not None else None
+    if faiss is not None:
+        faiss.omp_set_num_threads(n_jobs)
     try:
         with threadpool_limits(limits=n_jobs):
             yield
     finally:
-        torch.set_num_threads(torch_threads)
-        faiss.omp_set_num_threads(faiss_threads)
+        if faiss is not None:
+            faiss.omp_set_num_threads(faiss_threads)
 
 
 def n_workers(n_jobs: int | None) -> int:
@@ -156,7 +183,11 @@ def detector_class(name: str) -> type[BaseDetector]:
         ) from None
 
 
-class BaseDetector(BaseEstimator):
+class NotFittedError(ValueError, AttributeError):
+    """A detector was used before ``fit`` (as scikit-learn's exception of that name)."""
+
+
+class BaseDetector:
     """Common registration, input checking and stage selection.
 
     A concrete subclass names itself in its class statement, ``class GaussianDetector(
@@ -222,6 +253,58 @@ class BaseDetector(BaseEstimator):
         cls.name, cls.label = name, label
         DETECTORS[name] = cls
 
+    # -- hyper-parameters (scikit-learn's BaseEstimator interface) -------------------------------
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        """The hyper-parameters: the keyword arguments of ``__init__``, sorted."""
+        if cls.__init__ is object.__init__:
+            return []
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        for parameter in parameters:
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                raise TypeError(
+                    f"{cls.__qualname__}.__init__ must name its hyper-parameters explicitly "
+                    f"(scikit-learn convention), not take {parameter}"
+                )
+        return sorted(parameter.name for parameter in parameters)
+
+    def get_params(self, deep: bool = True) -> dict[str, object]:
+        """The hyper-parameters and their values. ``deep`` is accepted for scikit-learn's
+        ``clone``; a detector holds no nested estimator."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params) -> BaseDetector:
+        """Set hyper-parameters (unknown names raise); a fitted detector is not refitted."""
+        valid = self._get_param_names()
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no parameter(s) {unknown}; valid: {valid}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        """The class and the hyper-parameters that differ from their defaults."""
+        defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(type(self).__init__).parameters.items()
+        }
+        changed = []
+        for name, value in self.get_params().items():
+            default = defaults.get(name, inspect.Parameter.empty)
+            same = value is default
+            if not same:
+                try:
+                    same = bool(default == value)
+                except (TypeError, ValueError):  # arrays compare elementwise
+                    same = False
+            if not same:
+                changed.append(f"{name}={value!r}")
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    # -- fit and score ---------------------------------------------------------------------------
+
     def fit(self, features: Mapping[str, np.ndarray]) -> BaseDetector:
         self._is_fitted = False  # a failed fit leaves the detector unfitted
         features = self._validate(features, fitting=True)
@@ -232,9 +315,6 @@ class BaseDetector(BaseEstimator):
         self._is_fitted = True
         return self
 
-    def __sklearn_is_fitted__(self) -> bool:
-        return getattr(self, "_is_fitted", False)
-
     def score(
         self, features: Mapping[str, np.ndarray], maps: bool = True
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -242,7 +322,8 @@ class BaseDetector(BaseEstimator):
         used feature grid, unsmoothed (the evaluation resizes and smooths them once, with
         :func:`sroc.geometry.resize_maps`). With ``maps=False`` no map is computed and the
         maps are None."""
-        check_is_fitted(self, msg=f"{type(self).__name__} is not fitted: call fit(features) first")
+        if not getattr(self, "_is_fitted", False):
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(features) first")
         features = self._validate(features, fitting=False)
         with self._threads():
             scores, anomaly_maps = self._score(features, bool(maps))
@@ -260,7 +341,7 @@ class BaseDetector(BaseEstimator):
 
         The blocks do not depend on ``n_jobs`` and the kernels run single-threaded, so every
         result is bit-identical whatever the thread count; ``work`` writes its block's results
-        into preallocated arrays (numpy and torch release the GIL in their kernels)."""
+        into preallocated arrays (numpy releases the GIL in its kernels)."""
         blocks = _chunks(n_items, max(1, int(chunk)))
         workers = min(n_workers(self.n_jobs), len(blocks))
         if workers <= 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
+from scipy.linalg import solve_triangular
 
 from sroc.detectors.base import (
     MB,
@@ -117,8 +117,7 @@ class MahalanobisDetector(BaseDetector, name="mahalanobis", label="Mahalanobis")
         if not maps:
             return scores, None
         cam = self._grad_cam(features[self.cam_stage_], per_stage[self.cam_stage_][1])
-        grid = upsample_maps(torch.from_numpy(cam)[:, None], self.grid_hw_, "bilinear")[:, 0]
-        return scores, grid.numpy()
+        return scores, upsample_maps(cam, self.grid_hw_, "bilinear")
 
     def _stage_distances(self, pooled: np.ndarray, stage: str) -> tuple[np.ndarray, np.ndarray]:
         """Mahalanobis distances (n,) of the pooled features (n, C) and the gradient of the
@@ -128,9 +127,7 @@ class MahalanobisDetector(BaseDetector, name="mahalanobis", label="Mahalanobis")
         whitened = whiten(chol, centred)
         distances = np.sqrt(np.einsum("nc,nc->n", whitened, whitened))
         # S^-1 (g - mu) = L^-T L^-1 (g - mu): a second triangular solve, with L^T.
-        precision_centred = torch.linalg.solve_triangular(
-            torch.from_numpy(chol.T), torch.from_numpy(whitened.T), upper=True
-        ).T.numpy()
+        precision_centred = solve_triangular(chol, whitened.T, trans="T", lower=True).T
         return distances, _gradient(distances, precision_centred)
 
     def _left_out_distances(self, pooled: np.ndarray, stage: str) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy.linalg.blas import get_blas_funcs
 
 from sroc.detectors.base import MB, WORKSPACE_MB
@@ -69,11 +68,13 @@ def nearest_sq_distances(
         approx = buffer[: rows.shape[0]]
         approx[...] = base_sq_norms
         gemm(-2.0, base.T, rows.T, beta=1.0, c=approx.T, trans_a=1, overwrite_c=1)
-        approx = torch.from_numpy(approx)
         if excluded is not None:
-            approx[torch.from_numpy(excluded[block])] = torch.inf
-        # torch.topk is much faster than np.argpartition on wide rows.
-        candidates = torch.topk(approx, n_candidates, dim=1, largest=False).indices.numpy()
+            approx[excluded[block]] = np.inf
+        # The candidates in index order: the stable sort by exact distance below then breaks
+        # ties by index, whatever order the partition left them in.
+        candidates = np.sort(
+            np.argpartition(approx, n_candidates - 1, axis=1)[:, :n_candidates], axis=1
+        )
         exact = exact_sq_distances(rows, base, candidates)
         if excluded is not None:
             exact[np.take_along_axis(excluded[block], candidates, axis=1)] = np.inf

@@ -5,10 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import faiss
 import numpy as np
-import torch
-import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
 from sroc.detectors.base import (
@@ -17,6 +14,7 @@ from sroc.detectors.base import (
     QUERY_CHUNK,
     UPSAMPLE_MODES,
     BaseDetector,
+    adaptive_average_pool,
     gap_embedding,
     grid_and_dim,
     onto_grid,
@@ -34,6 +32,24 @@ FAISS_KMEANS_ITERATIONS = 10
 # Self-scoring with an exact search masks each chunk's own patches in one (queries x bank)
 # boolean matrix while it has at most this many entries (64 MB); larger banks search per image.
 _MASKED_SEARCH_ENTRIES = 2**26
+
+
+def local_average(maps: np.ndarray, size: int) -> np.ndarray:
+    """Mean over the ``size`` x ``size`` neighbourhood of every cell of (n, C, h, w) float32
+    maps, zero-padded with the padded cells counted (torch's ``avg_pool2d(maps, size, stride=1,
+    padding=size // 2, count_include_pad=True)``, PatchCore's local aggregation): sums of
+    shifted views along each axis, float32."""
+    half = size // 2
+    padded = np.pad(maps, ((0, 0), (0, 0), (half, half), (half, half)))
+    height, width = maps.shape[-2:]
+    rows = padded[:, :, 0:height, :].copy()
+    for shift in range(1, size):
+        rows += padded[:, :, shift : shift + height, :]
+    out = rows[:, :, :, 0:width].copy()
+    for shift in range(1, size):
+        out += rows[:, :, :, shift : shift + width]
+    out /= np.float32(size * size)
+    return out
 
 
 def _thread_independent_product(rows: np.ndarray, projection: np.ndarray) -> np.ndarray:
@@ -246,29 +262,18 @@ class PatchCoreDetector(BaseDetector, name="patchcore", label="PatchCore"):
         height, width = self.grid_hw_
         parts = []
         for stage in self.stages_:
-            maps = torch.from_numpy(np.asarray(features[stage], dtype=np.float32))
+            maps = np.asarray(features[stage], dtype=np.float32)
             if self.patch_size > 1:
-                maps = F.avg_pool2d(
-                    maps,
-                    self.patch_size,
-                    stride=1,
-                    padding=self.patch_size // 2,
-                    count_include_pad=True,
-                )
+                maps = local_average(maps, self.patch_size)
             if self.layer_dim is not None:
                 # Channel pooling commutes with the spatial resampling: pool on the stage grid.
-                n, _, h, w = maps.shape
-                pooled = F.adaptive_avg_pool1d(
-                    maps.permute(0, 2, 3, 1).reshape(-1, 1, maps.shape[1]), self.layer_dim
-                )
-                maps = pooled.reshape(n, h, w, self.layer_dim).permute(0, 3, 1, 2)
+                maps = adaptive_average_pool(maps, int(self.layer_dim), axis=1)
             parts.append(onto_grid(maps, (height, width), self.upsample))
-        patches = (
-            torch.cat(parts, dim=1).permute(0, 2, 3, 1).reshape(-1, sum(p.shape[1] for p in parts))
-        )
+        patches = np.concatenate(parts, axis=1).transpose(0, 2, 3, 1)
+        patches = patches.reshape(-1, patches.shape[-1])
         if self.target_dim is not None:
-            patches = F.adaptive_avg_pool1d(patches[:, None, :], self.target_dim)[:, 0, :]
-        patches = np.ascontiguousarray(patches.numpy())
+            patches = adaptive_average_pool(patches, int(self.target_dim), axis=1)
+        patches = np.ascontiguousarray(patches)
         if self.projection_ is not None:
             patches = _thread_independent_product(patches, self.projection_)
         return patches
@@ -385,9 +390,14 @@ class PatchCoreDetector(BaseDetector, name="patchcore", label="PatchCore"):
         # 0.97-0.99 on real 380 px features (docs/detectors.md, benchmarks/detectors.py).
         return int(min(max(1, round(3 * math.sqrt(n_memory))), n_memory))
 
-    def _build_index(self, bank: np.ndarray, seed: int) -> faiss.Index | None:
+    def _build_index(self, bank: np.ndarray, seed: int):
+        """The faiss IVF index of the memory bank, or None for exact search."""
         if self.index == "flat":
             return None  # exact search runs on the memory bank itself (_exact_ids)
+        # Imported here, by the IVF index alone: faiss loads its own BLAS (180 ms, measured),
+        # which jobs that only rank, score exactly or use another detector need not pay.
+        import faiss
+
         dim = bank.shape[1]
         self.n_lists_ = self._resolved_n_lists(bank.shape[0])
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, self.n_lists_)
@@ -407,6 +417,8 @@ class PatchCoreDetector(BaseDetector, name="patchcore", label="PatchCore"):
     def _search_params(self, excluded_range: tuple[int, int] | None):
         if self.n_probes < 1:
             raise ValueError(f"n_probes must be >= 1, got {self.n_probes}")
+        import faiss  # loaded by _build_index already
+
         params = faiss.SearchParametersIVF()
         params.nprobe = min(int(self.n_probes), self.n_lists_)
         selector = None
