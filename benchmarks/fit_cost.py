@@ -17,9 +17,9 @@ its configured threads, it measures:
 - training self-scoring seconds (image scores only; ``exclude_self=True`` where the detector has
   it, as refinement scores the training set);
 - the FLOPs of the dominant linear algebra, counted from the shapes (2 per multiply-add; see
-  :func:`fit_flops` and :func:`score_flops`), and the achieved GFLOP/s as a fraction of this
-  machine's float32 matmul limit, measured in the same run with benchmarks/matmul_limit.py
-  (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset in a subprocess).
+  the detectors' ``fit_flops`` and ``score_flops`` methods), and the achieved GFLOP/s as a
+  fraction of this machine's float32 matmul limit, measured in the same run with
+  benchmarks/matmul_limit.py (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset in a subprocess).
 
 It then projects the default grid. Per (category, seed, detector) cell the fits are: one per
 pollution ratio (robustness curve, test scored); one self-score at the refined pollution ratio
@@ -68,7 +68,6 @@ from matmul_limit import measure_limit  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "config" / "config.yaml"
 DEFAULT_SEEDS = [0, 1, 2]
-FAISS_KMEANS_ITERATIONS = 10  # faiss IndexIVF.cp.niter: k-means iterations of IVF training
 # Quick mode: the real backbone's channels (tf_efficientnet_lite2 blocks.2/4/5) on tiny grids.
 QUICK_SHAPES = {"blocks.2": (48, 16, 16), "blocks.4": (120, 8, 8), "blocks.5": (208, 4, 4)}
 
@@ -96,113 +95,6 @@ def detector_specs(config: dict) -> list[DetectorSpec]:
         )
         for entry in config.get("detectors") or []
     ]
-
-
-# --------------------------------------------------------------------------------------------
-# FLOPs of the dominant linear algebra, from the shapes (2 FLOPs per multiply-add)
-
-
-def _used_shapes(detector, shapes: dict) -> dict:
-    stages = getattr(detector, "stages_", None) or detector.stages or list(shapes)
-    return {s: shapes[s] for s in stages}
-
-
-def _pooling_flops(shapes: dict) -> int:
-    """Global average pooling of one image: one add per feature value."""
-    return sum(math.prod(chw) for chw in shapes.values())
-
-
-def _grid(shapes: dict) -> tuple[int, int, int]:
-    """(locations of the finest grid, concatenated channels, coarsest stage's C*H*W)."""
-    finest = max(shapes.values(), key=lambda chw: chw[1] * chw[2])
-    return finest[1] * finest[2], sum(chw[0] for chw in shapes.values())
-
-
-def _patchcore_bank(detector, shapes: dict, n_fit: float) -> tuple[float, int, float, int]:
-    """(patches, patch dim, memory bank size, coreset projection dim) for ``n_fit`` images, on
-    the fitted detector's patch grid (``grid_stage`` may be coarser than the finest stage) and
-    patch dimension (after ``layer_dim``, ``target_dim`` or ``projection_dim``)."""
-    locations = math.prod(detector.grid_hw_)
-    dim = int(detector.memory_bank_.shape[1])
-    patches = n_fit * locations
-    memory = patches
-    projection = dim
-    if detector.coreset_ratio is not None and detector.coreset_ratio < 1:
-        memory = max(detector.n_neighbors, math.ceil(detector.coreset_ratio * patches))
-        projection = min(detector.coreset_projection_dim or dim, dim)
-    return patches, dim, memory, projection
-
-
-def _ivf_lists(detector, memory: float) -> int:
-    return detector._resolved_n_lists(int(memory))
-
-
-def fit_flops(detector_type: str, detector, shapes: dict, n_fit: float) -> float:
-    """FLOPs of fitting ``n_fit`` images."""
-    shapes = _used_shapes(detector, shapes)
-    locations, channels = _grid(shapes)
-    if detector_type == "knn":
-        return n_fit * _pooling_flops(shapes)  # the rest is a copy of the patches
-    if detector_type == "mahalanobis":
-        # Per stage: the covariance of the pooled features and its Cholesky factor.
-        return n_fit * _pooling_flops(shapes) + sum(
-            2 * n_fit * c**2 + c**3 / 3 for c, _, _ in shapes.values()
-        )
-    if detector_type == "padim":
-        dim = channels if detector.n_features is None else int(detector.n_features)
-        return locations * (2 * n_fit * dim**2 + dim**3 / 3)
-    if detector_type == "patchcore":
-        # The coreset is counted as plain greedy selection (one distance update per pick); the
-        # active-set selection skips most of those, so its share of the limit can exceed 1.
-        patches, dim, memory, projection = _patchcore_bank(detector, shapes, n_fit)
-        flops = 9 * patches * channels  # 3x3 local aggregation of every patch
-        if memory < patches:
-            if projection < dim:
-                flops += 2 * patches * dim * projection
-            flops += 2 * memory * patches * projection  # one matrix-vector product per pick
-        if detector.index == "ivfflat":
-            lists = _ivf_lists(detector, memory)
-            trained = min(memory, lists * detector.ivf_train_points_per_list)
-            flops += FAISS_KMEANS_ITERATIONS * 2 * trained * lists * dim
-        return flops
-    raise ValueError(f"no FLOP model for detector type {detector_type!r}")
-
-
-def score_flops(
-    detector_type: str, detector, shapes: dict, n_fit: float, n_score: float, maps: bool
-) -> float:
-    """FLOPs of scoring ``n_score`` images against a model fitted on ``n_fit``."""
-    shapes = _used_shapes(detector, shapes)
-    locations, channels = _grid(shapes)
-    pooling = n_score * _pooling_flops(shapes)
-    if detector_type == "knn":
-        flops = pooling + 2 * n_score * n_fit * channels
-        if maps:
-            k = detector.n_neighbors
-            if detector.gallery == "same_location":
-                flops += 3 * n_score * k * locations * channels
-            else:
-                flops += 2 * n_score * locations * k * locations * channels
-        return flops
-    if detector_type == "mahalanobis":
-        flops = pooling + sum(n_score * c**2 for c, _, _ in shapes.values())
-        if maps:  # Grad-CAM on the coarsest stage: a second triangular solve and a weighting
-            c, h, w = min(shapes.values(), key=lambda chw: chw[1] * chw[2])
-            flops += n_score * c**2 + 2 * n_score * c * h * w
-        return flops
-    if detector_type == "padim":
-        dim = channels if detector.n_features is None else int(detector.n_features)
-        return locations * n_score * dim**2  # a triangular solve per location; maps come free
-    if detector_type == "patchcore":
-        _, dim, memory, _ = _patchcore_bank(detector, shapes, n_fit)
-        queries = n_score * locations
-        flops = 9 * queries * channels
-        if detector.index == "ivfflat":
-            lists = _ivf_lists(detector, memory)
-            probes = min(detector.n_probes, lists)
-            return flops + 2 * queries * dim * (lists + probes * memory / lists)
-        return flops + 2 * queries * memory * dim
-    raise ValueError(f"no FLOP model for detector type {detector_type!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,10 +185,10 @@ def measure(spec: DetectorSpec, cell: Cell, random_state: int, repeats: int = 1)
         self_s,
         image_only,
         image_maps,
-        fit_flops(spec.type, detector, shapes, n_train),
-        score_flops(spec.type, detector, shapes, n_train, n_test, True),
-        score_flops(spec.type, detector, shapes, n_train, n_test, image_maps),
-        score_flops(spec.type, detector, shapes, n_train, n_train, image_maps),
+        detector.fit_flops(shapes, n_train),
+        detector.score_flops(shapes, n_train, n_test, True),
+        detector.score_flops(shapes, n_train, n_test, image_maps),
+        detector.score_flops(shapes, n_train, n_train, image_maps),
     )
     return cost, detector
 
@@ -411,13 +303,13 @@ def cell_seconds(
     measured_test_s = cost.score_maps_s if test_maps else cost.score_image_s
 
     def fit(n_fit):
-        return cost.fit_s * fit_flops(spec.type, detector, shapes, n_fit) / cost.fit_flops
+        return cost.fit_s * detector.fit_flops(shapes, n_fit) / cost.fit_flops
 
     def score(n_fit, n_score, maps):
         base_s = cost.score_maps_s if maps else cost.score_image_s
         base_flops = cost.score_maps_flops if maps else cost.score_image_flops
         ran_maps = maps or cost.image_only_computes_maps
-        flops = score_flops(spec.type, detector, shapes, n_fit, n_score, ran_maps)
+        flops = detector.score_flops(shapes, n_fit, n_score, ran_maps)
         return base_s * flops / base_flops
 
     def test_run(n_fit):

@@ -25,7 +25,7 @@ from bisect import bisect
 import numpy as np
 from scipy import ndimage
 
-from sroc.detectors import resize_maps
+from sroc.geometry import resize_maps
 from sroc.metrics import PixelGroundTruth
 
 DETECTOR_GRID = 48  # the finest feature grid of the default backbone

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sroc.detectors import PatchCoreDetector, resize_maps, scale_sigma
+from sroc.detectors import PatchCoreDetector
+from sroc.geometry import resize_maps, scale_sigma
 from sroc.metrics import PixelGroundTruth, image_auroc
 
 REPO = Path(__file__).resolve().parents[1]

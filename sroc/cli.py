@@ -19,6 +19,7 @@ from sroc.clean import (
     write_outputs,
 )
 from sroc.datasets.layout import DatasetError
+from sroc.detectors import DETECTORS
 
 logger = logging.getLogger("sroc")
 
@@ -50,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     clean.add_argument(
         "--detector",
         default=DEFAULT_DETECTOR,
-        help=f"knn, mahalanobis, padim or patchcore: the detector whose self-scores rank the "
-        f"images (default {DEFAULT_DETECTOR})",
+        help=f"{', '.join(sorted(DETECTORS))}: the detector whose self-scores rank the images "
+        f"(default {DEFAULT_DETECTOR})",
     )
     clean.add_argument(
         "--backbone", help="timm backbone name (default: the project's, tf_efficientnet_lite2)"

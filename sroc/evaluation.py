@@ -3,11 +3,11 @@
 The ground truth of a test set is read and its regions labelled once, then reused by every run
 scored on it. Maps come from the detectors on their feature grid; they are brought to
 ground-truth resolution (or to ``resolution`` x ``resolution``) and smoothed here, in one place,
-by :func:`sroc.detectors.resize_maps`.
+by :func:`sroc.geometry.resize_maps`.
 
 Maps span the backbone's input canvas. For squashed and tiled images the canvas is the image, so
 maps are resized as they are; for padded images (``aspect="pad"``) the image's box on the canvas
-is cut out first (:func:`sroc.detectors.crop_resize_maps`), leaving the padding out. The
+is cut out first (:func:`sroc.geometry.crop_resize_maps`), leaving the padding out. The
 smoothing sigma is converted from input pixels with the image's size on the input.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from sroc.datasets.layout import image_size
-from sroc.detectors import crop_resize_maps, resize_maps, scale_sigma
+from sroc.geometry import crop_resize_maps, resize_maps, scale_sigma
 from sroc.metrics import PixelGroundTruth, image_auroc
 
 # PaDiM and PatchCore smooth their maps with a Gaussian of 4 px at the backbone input size.

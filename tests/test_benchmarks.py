@@ -116,13 +116,13 @@ def test_flop_counts_match_torch_flop_counter_for_the_matmul_detectors():
             torch.zeros(d, n) @ torch.zeros(n, d)
     covariance_flops = counter.get_total_flops()
     expected = covariance_flops + locations * d**3 / 3  # plus a Cholesky factor per location
-    assert fit_cost.fit_flops("padim", padim, shapes, n) == pytest.approx(expected)
+    assert padim.fit_flops(shapes, n) == pytest.approx(expected)
 
     knn = make_detector("knn")
     with FlopCounterMode(display=False) as counter:
         torch.zeros(m, channels) @ torch.zeros(channels, n)
     pooling = m * sum(math.prod(chw) for chw in shapes.values())
-    flops = fit_cost.score_flops("knn", knn, shapes, n, m, maps=False)
+    flops = knn.score_flops(shapes, n, m, maps=False)
     assert flops == pytest.approx(counter.get_total_flops() + pooling)
 
 
@@ -155,7 +155,7 @@ def test_grid_projection_counts_every_fit_of_a_cell():
     )
     spec = fit_cost.DetectorSpec("knn", "knn", {}, 1)
     detector = make_detector("knn").fit(cell.train)
-    full_fit = fit_cost.fit_flops("knn", detector, shapes, n)
+    full_fit = detector.fit_flops(shapes, n)
     tiny = 1e-12  # scoring: nearly free, but a nonzero measured time to scale from
     self_s = 0.5
     cost = fit_cost.Cost(1.0, tiny, tiny, self_s, "", False, full_fit, 1.0, 1.0, 1.0)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,22 +15,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
-from sklearn.exceptions import NotFittedError
 
 from sroc import detectors
 from sroc.detectors import (
     DETECTORS,
+    BaseDetector,
     KNNDetector,
     MahalanobisDetector,
+    NotFittedError,
     PaDiMDetector,
-    crop_resize_maps,
     estimate_memory_mb,
     ledoit_wolf,
     make_detector,
-    resize_maps,
-    scale_sigma,
     validate_params,
 )
+from sroc.detectors.base import upsample_maps
+from sroc.geometry import bilinear_resize, crop_resize_maps, resize_maps, scale_sigma
 
 RTOL = 1e-5
 STAGES = {"s1": (6, 8, 8), "s2": (10, 4, 4), "s3": (12, 2, 2)}
@@ -155,6 +158,105 @@ def assert_close(actual, expected, rtol=RTOL, atol=1e-6):
 # ---------------------------------------------------------------------------------------------
 # Map post-processing and shared pieces
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# The numpy kernels that replaced torch's, against torch itself
+# ---------------------------------------------------------------------------------------------
+
+
+def test_importing_the_detectors_loads_neither_torch_nor_scikit_learn():
+    """Grid jobs import these modules; torch and scikit-learn cost them 3 s and 500 MB."""
+    code = (
+        "import sys; import sroc.detectors, sroc.evaluation, sroc.metrics, sroc.geometry; "
+        "print(sorted({'torch', 'sklearn', 'faiss'} & set(sys.modules)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "in_hw, out_hw", [((6, 4), (12, 8)), ((5, 7), (13, 9)), ((8, 8), (3, 5)), ((4, 4), (4, 9))]
+)
+def test_bilinear_resize_equals_torch_interpolate(in_hw, out_hw):
+    maps = np.random.default_rng(0).normal(size=(2, 3, *in_hw)).astype(np.float32)
+    expected = F.interpolate(
+        torch.from_numpy(maps), size=out_hw, mode="bilinear", align_corners=False
+    ).numpy()
+    np.testing.assert_allclose(bilinear_resize(maps, out_hw), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        upsample_maps(maps, out_hw, "bilinear"), expected, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_nearest_upsampling_equals_torch_on_integer_strides():
+    maps = np.random.default_rng(1).normal(size=(2, 3, 6, 4)).astype(np.float32)
+    expected = F.interpolate(torch.from_numpy(maps), size=(24, 8), mode="nearest").numpy()
+    assert np.array_equal(upsample_maps(maps, (24, 8), "nearest"), expected)
+
+
+@pytest.mark.parametrize("n, size", [(12, 4), (10, 4), (7, 7), (5, 12), (3, 8), (376, 100)])
+def test_adaptive_average_pool_equals_torch(n, size):
+    rng = np.random.default_rng(n)
+    vectors = rng.normal(size=(6, n)).astype(np.float32)
+    expected = F.adaptive_avg_pool1d(torch.from_numpy(vectors)[:, None], size)[:, 0].numpy()
+    pooled = detectors.base.adaptive_average_pool(vectors, size, axis=1)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-6, atol=1e-6)
+    maps = rng.normal(size=(2, 3, n, n + 3)).astype(np.float32)
+    grid = (size, max(1, size - 1))
+    expected = F.adaptive_avg_pool2d(torch.from_numpy(maps), grid).numpy()
+    pooled = detectors.base.adaptive_average_pool(
+        detectors.base.adaptive_average_pool(maps, grid[0], axis=-2), grid[1], axis=-1
+    )
+    np.testing.assert_allclose(pooled, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_local_average_equals_torch_avg_pool(size):
+    maps = np.random.default_rng(size).normal(size=(2, 4, 7, 6)).astype(np.float32)
+    expected = F.avg_pool2d(
+        torch.from_numpy(maps), size, stride=1, padding=size // 2, count_include_pad=True
+    ).numpy()
+    actual = detectors.patchcore.local_average(maps, size)
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_triangular_and_cholesky_kernels_equal_torch():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(4, 6, 6))
+    cov = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(6)
+    centred = rng.normal(size=(4, 9, 6))
+    chol = detectors.cholesky_factors(cov, "test")
+    np.testing.assert_allclose(chol, torch.linalg.cholesky(torch.from_numpy(cov)).numpy())
+    expected = torch.linalg.solve_triangular(
+        torch.from_numpy(chol), torch.from_numpy(centred).mT, upper=False
+    ).mT.numpy()
+    np.testing.assert_allclose(detectors.whiten(chol, centred), expected, rtol=1e-10)
+    with pytest.raises(ValueError, match="singular"):
+        detectors.cholesky_factors(np.zeros((2, 3, 3)), "test")
+
+
+def test_detectors_have_scikit_learn_parameters():
+    """get_params/set_params/clone/repr as scikit-learn's BaseEstimator, without it."""
+    from sklearn.base import clone
+
+    detector = make_detector("knn", n_neighbors=3, stages=["s1"])
+    assert detector.get_params() == {
+        **KNNDetector().get_params(),
+        "n_neighbors": 3,
+        "stages": ["s1"],
+    }
+    assert repr(detector) == "KNNDetector(n_neighbors=3, stages=['s1'])"
+    copy = clone(detector)
+    assert copy is not detector and copy.get_params() == detector.get_params()
+    assert (
+        detector.set_params(metric="sqeuclidean") is detector and detector.metric == "sqeuclidean"
+    )
+    with pytest.raises(ValueError, match=r"no parameter\(s\) \['k'\]"):
+        detector.set_params(k=2)
 
 
 def test_resize_maps_matches_bilinear_then_gaussian_reference():
@@ -510,13 +612,113 @@ def test_registry_and_parameter_errors():
     assert isinstance(make_detector("padim", n_features=3), PaDiMDetector)
     for name in DETECTORS:  # the workflow passes the run seed to every detector
         make_detector(name, random_state=4)
-    with pytest.raises(ValueError, match="unknown detector 'spade'"):
+    with pytest.raises(ValueError, match=r"unknown detector type 'spade'.*\['knn', 'mahal"):
         make_detector("spade")
     with pytest.raises(ValueError, match=r"no parameter\(s\) \['k'\]"):
         make_detector("knn", k=5)
     for name in ("knn", "mahalanobis", "padim"):  # maps are resized and smoothed once, outside
         with pytest.raises(ValueError, match=r"no parameter\(s\) \['map_sigma', 'map_size'\]"):
             make_detector(name, map_size=20, map_sigma=1.5)
+
+
+class _PooledGaussian(BaseDetector):
+    """A toy detector, as a user's plugin would write one: an isotropic Gaussian on the pooled
+    features; image score, the distance to the mean; no maps."""
+
+    runtime_seconds_per_image = 0.001
+    supports_exclude_self = True
+
+    def __init__(self, scale: float = 1.0, stages=None, exclude_self=False, n_jobs=None):
+        self.scale = scale
+        self.stages = stages
+        self.exclude_self = exclude_self
+        self.n_jobs = n_jobs
+
+    def _fit(self, features):
+        self.mean_ = detectors.base.gap_embedding(features, self.stages_).mean(axis=0)
+
+    def _score(self, features, maps):
+        embeddings = detectors.base.gap_embedding(features, self.stages_)
+        return self.scale * np.linalg.norm(embeddings - self.mean_, axis=1), None
+
+    def _estimate_state_mb(self, n_train, n_test, shapes):
+        return (n_train + n_test) * sum(chw[0] for chw in shapes.values()) * 8 / 2**20
+
+    def fit_flops(self, shapes, n_fit):
+        return n_fit * detectors.base.gap_pooling_flops(self.used_shapes(shapes))
+
+    def score_flops(self, shapes, n_fit, n_score, maps):
+        return n_score * detectors.base.gap_pooling_flops(self.used_shapes(shapes))
+
+
+@pytest.fixture
+def toy_detector():
+    """The toy class registered as "toy_gaussian" for one test, then unregistered."""
+    cls = type("ToyGaussian", (_PooledGaussian,), {}, name="toy_gaussian", label="Toy")
+    yield cls
+    del DETECTORS["toy_gaussian"]
+
+
+def test_a_class_defined_anywhere_registers_itself(toy_detector, train, test):
+    assert DETECTORS["toy_gaussian"] is toy_detector
+    assert detectors.detector_class("toy_gaussian") is toy_detector
+    assert (toy_detector.name, toy_detector.label) == ("toy_gaussian", "Toy")
+    assert _PooledGaussian not in DETECTORS.values()  # no name: an abstract base
+    detector = make_detector("toy_gaussian", scale=2.0, stages=["s1"])
+    scores, maps = detector.fit(train).score(test, maps=False)
+    assert maps is None and scores.shape == (5,) and np.all(scores > 0)
+    validate_params("toy_gaussian", {"scale": 3.0}, "detectors[4] (toy)")
+    with pytest.raises(ValueError, match=r"detectors\[4\].*'n_jobs'"):
+        validate_params("toy_gaussian", {"n_jobs": 2}, "detectors[4] (toy)")
+    with pytest.raises(ValueError, match=r"toy_gaussian has no parameter 'k'.*'scale'"):
+        validate_params("toy_gaussian", {"k": 3}, "detectors[4] (toy)")
+    shapes = {s: a.shape[1:] for s, a in train.items()}
+    estimate = estimate_memory_mb("toy_gaussian", {"stages": ["s1"]}, 12, 5, shapes)
+    assert estimate > detectors.INTERPRETER_OVERHEAD_MB
+
+
+def test_a_duplicate_or_incomplete_detector_fails_at_definition():
+    with pytest.raises(ValueError, match=r"'knn' is already registered by .*KNNDetector"):
+        type("OtherKNN", (_PooledGaussian,), {}, name="knn", label="KNN")
+    with pytest.raises(ValueError, match="label"):
+        type("Unlabelled", (_PooledGaussian,), {}, name="unlabelled")
+    with pytest.raises(ValueError, match="runtime_seconds_per_image"):
+        type("Costless", (BaseDetector,), {}, name="costless", label="Costless")
+    with pytest.raises(ValueError, match="has_patch_bank is True but __init__ takes no "):
+        type("NoBank", (_PooledGaussian,), {"has_patch_bank": True}, name="nobank", label="B")
+    assert not {"unlabelled", "costless", "nobank"} & set(DETECTORS)
+    assert DETECTORS["knn"] is KNNDetector
+
+
+def test_every_registered_detector_describes_itself(train, test):
+    """Label, runtime cost, capabilities and FLOP models: what the workflow, the refinement
+    strategies and the runtime projection ask a detector class."""
+    labels = {name: cls.label for name, cls in DETECTORS.items()}
+    assert labels == {
+        "knn": "KNN",
+        "mahalanobis": "Mahalanobis",
+        "padim": "PaDiM",
+        "patchcore": "PatchCore",
+    }
+    shapes = {s: a.shape[1:] for s, a in train.items()}
+    for name, cls in DETECTORS.items():
+        assert cls.name == name
+        assert cls.runtime_seconds_per_image > 0
+        assert cls.supports_exclude_self and "exclude_self" in cls._get_param_names()
+        assert cls.has_patch_bank == (name == "patchcore")
+        assert cls.has_patch_bank == ("excluded_patches" in cls._get_param_names())
+        detector = make_detector(name).fit(train)
+        for flops in (
+            detector.fit_flops(shapes, 12),
+            detector.score_flops(shapes, 12, 5, True),
+            detector.score_flops(shapes, 12, 5, False),
+        ):
+            assert math.isfinite(flops) and flops > 0, name
+        assert detector.score_flops(shapes, 12, 10, True) > detector.score_flops(
+            shapes, 12, 5, True
+        )
+    with pytest.raises(NotImplementedError, match="no FLOP model"):
+        BaseDetector.fit_flops(make_detector("knn"), shapes, 12)
 
 
 @pytest.mark.parametrize("name", ["knn", "mahalanobis", "padim"])

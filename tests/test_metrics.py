@@ -19,9 +19,10 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from sroc.detectors import resize_maps
+from sroc.geometry import resize_maps
 from sroc.metrics import (
     PixelGroundTruth,
+    average_ranks,
     image_auroc,
     refinement_scores,
     resize_mask_nearest,
@@ -419,6 +420,19 @@ def test_image_auroc_equals_pairwise_count(seed):
     labels = rng.integers(0, 2, 60)
     scores = np.round(rng.normal(labels, 1.0), 1)  # rounding makes ties
     assert image_auroc(labels, scores) == pytest.approx(pairwise_auroc(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_image_auroc_equals_scikit_learn_with_ties(seed):
+    from scipy.stats import rankdata
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 200)
+    labels[:2] = (0, 1)
+    scores = rng.integers(0, 6, 200).astype(float) if seed % 2 else rng.normal(labels, 1.0)
+    assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert np.array_equal(average_ranks(scores), rankdata(scores))
 
 
 def test_image_auroc_changes_when_scores_are_clamped():

@@ -192,7 +192,7 @@ def _image_region(anomaly_map: np.ndarray, config, height: int, width: int) -> n
     """The part of a map that covers the image: without the margins of a padded input
     (``aspect="pad"``), at the image's size on the input; the map itself otherwise."""
     from sroc.backbones import input_geometry
-    from sroc.detectors import crop_resize_maps
+    from sroc.geometry import crop_resize_maps
 
     if config.aspect != "pad":
         return anomaly_map

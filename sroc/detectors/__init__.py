@@ -1,23 +1,33 @@
 """Shallow one-class detectors on frozen CNN features (section 3.1 of the SROC paper).
 
 One module per detector (``knn``, ``mahalanobis``, ``padim``, ``patchcore``) on a common base
-(``base``), with the numerical building blocks they share (``linalg``, ``neighbours``) and the
-map post-processing (``maps``). Anomaly maps are returned on the finest grid among the stages a
-detector uses (48x48 for tf_efficientnet_lite2 at 380 px), unsmoothed; the evaluation brings
-them to ground-truth size and smooths them once with :func:`resize_maps` (see docs/detectors.md).
-``score(features, maps=False)`` returns image scores only. :func:`validate_params` checks a
-config entry's parameters before any job runs.
+(``base``), with the numerical building blocks they share (``linalg``, ``neighbours``). Every
+detector class registers itself in :data:`DETECTORS` under its config type name (see
+:class:`BaseDetector`), so that a class defined elsewhere, e.g. in a plugin file, is built by
+:func:`make_detector` as soon as it is defined. Anomaly maps are returned on the finest grid
+among the stages a detector uses (48x48 for tf_efficientnet_lite2 at 380 px), unsmoothed; the
+evaluation brings them to ground-truth size and smooths them once with
+:func:`sroc.geometry.resize_maps` (see docs/detectors.md). ``score(features, maps=False)``
+returns image scores only. :func:`validate_params` checks a config entry's parameters before
+any job runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from sroc.detectors.base import INTERPRETER_OVERHEAD_MB, WORKSPACE_MB, BaseDetector, align_stages
+from sroc.detectors.base import (
+    DETECTORS,
+    INTERPRETER_OVERHEAD_MB,
+    WORKSPACE_MB,
+    BaseDetector,
+    NotFittedError,
+    align_stages,
+    detector_class,
+)
 from sroc.detectors.knn import KNNDetector
 from sroc.detectors.linalg import cholesky_factors, ledoit_wolf, whiten
 from sroc.detectors.mahalanobis import MahalanobisDetector
-from sroc.detectors.maps import crop_resize_maps, resize_maps, scale_sigma
 from sroc.detectors.padim import PaDiMDetector
 from sroc.detectors.patchcore import PatchCoreDetector, greedy_coreset_indices
 
@@ -28,42 +38,24 @@ __all__ = [
     "BaseDetector",
     "KNNDetector",
     "MahalanobisDetector",
+    "NotFittedError",
     "PaDiMDetector",
     "PatchCoreDetector",
     "align_stages",
     "cholesky_factors",
+    "detector_class",
     "estimate_memory_mb",
     "greedy_coreset_indices",
     "ledoit_wolf",
     "make_detector",
-    "crop_resize_maps",
-    "detector_class",
-    "resize_maps",
-    "scale_sigma",
     "validate_params",
     "whiten",
 ]
 
-DETECTORS: dict[str, type[BaseDetector]] = {
-    "knn": KNNDetector,
-    "mahalanobis": MahalanobisDetector,
-    "padim": PaDiMDetector,
-    "patchcore": PatchCoreDetector,
-}
-
-
-def detector_class(name: str) -> type[BaseDetector]:
-    """The detector class registered as ``name``."""
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; choose one of {sorted(DETECTORS)}")
-    return DETECTORS[name]
-
 
 def make_detector(name: str, **params) -> BaseDetector:
     """Instantiate the detector registered as ``name`` with hyper-parameters ``params``."""
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; choose one of {sorted(DETECTORS)}")
-    cls = DETECTORS[name]
+    cls = detector_class(name)
     valid = cls._get_param_names()
     unknown = sorted(set(params) - set(valid))
     if unknown:
@@ -71,11 +63,12 @@ def make_detector(name: str, **params) -> BaseDetector:
     return cls(**params)
 
 
-# Set by the caller, never by a config entry: the seed comes from the config's top-level
-# random_state, the threads from the job.
+# Set by the caller, never by a config entry, whichever detector takes them: the seed comes from
+# the config's top-level random_state, the threads from the job, the rest from refinement.
 _CALLER_PARAMS = {
     "random_state": "it comes from the config's top-level random_state",
     "n_jobs": "the workflow sets it from the job's threads",
+    "exclude_self": "refinement strategies set it to score the training images (leave-one-out)",
     "excluded_patches": "the patch_sroc refinement strategy sets it for each refit",
 }
 # The evaluation resizes and smooths the detectors' grid maps once, to ground-truth size.
@@ -85,10 +78,10 @@ _EVALUATION_PARAMS = ("map_size", "map_sigma")
 def validate_params(detector_type: str, params: Mapping[str, object], where: str) -> None:
     """Check a config entry's detector ``params`` before any job runs; ``where`` names the
     entry (e.g. "detectors[2] (padim)"). Raises a ValueError naming the entry and the key."""
-    if detector_type not in DETECTORS:
-        raise ValueError(
-            f"{where}: unknown detector type {detector_type!r}; choose one of {sorted(DETECTORS)}"
-        )
+    try:
+        cls = detector_class(detector_type)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
     if not isinstance(params, Mapping):
         raise ValueError(f"{where}: params must be a mapping of parameter names to values")
     for key, reason in _CALLER_PARAMS.items():
@@ -102,7 +95,7 @@ def validate_params(detector_type: str, params: Mapping[str, object], where: str
             )
     valid = [
         name
-        for name in DETECTORS[detector_type]._get_param_names()
+        for name in cls._get_param_names()
         if name not in _CALLER_PARAMS and name not in _EVALUATION_PARAMS
     ]
     for key in params:

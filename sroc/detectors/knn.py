@@ -6,11 +6,19 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sroc.detectors.base import _MB, BaseDetector, _gap_embedding, _n_workers, align_stages
-from sroc.detectors.neighbours import _apply_metric, _check_metric, _nearest_sq_distances
+from sroc.detectors.base import (
+    MB,
+    BaseDetector,
+    align_stages,
+    gap_embedding,
+    gap_pooling_flops,
+    grid_and_dim,
+    n_workers,
+)
+from sroc.detectors.neighbours import apply_metric, check_metric, nearest_sq_distances
 
 
-class KNNDetector(BaseDetector):
+class KNNDetector(BaseDetector, name="knn", label="KNN"):
     """KNN on global-average-pooled features with SPADE localisation (SROC paper, 3.1.1).
 
     Image score: mean distance of the image embedding (GAP of each stage, concatenated) to its
@@ -51,6 +59,7 @@ class KNNDetector(BaseDetector):
     """
 
     runtime_seconds_per_image = 0.01
+    supports_exclude_self = True
 
     def __init__(
         self,
@@ -77,7 +86,7 @@ class KNNDetector(BaseDetector):
         self.random_state = random_state
 
     def _fit(self, features: dict[str, np.ndarray]) -> None:
-        _check_metric(self.metric)
+        check_metric(self.metric)
         if self.gallery not in ("all_locations", "same_location"):
             raise ValueError(
                 f"gallery must be 'all_locations' or 'same_location', got {self.gallery!r}"
@@ -95,7 +104,7 @@ class KNNDetector(BaseDetector):
                 f"n_patch_neighbors={self.n_patch_neighbors} must be in [1, {gallery_size}] "
                 "(the patches of the retrieved images)"
             )
-        self.train_embeddings_ = _gap_embedding(features, self.stages_, self._run_chunks)
+        self.train_embeddings_ = gap_embedding(features, self.stages_, self._run_chunks)
         self.train_features_ = features
 
     _chunked = True
@@ -103,15 +112,15 @@ class KNNDetector(BaseDetector):
     def _score(
         self, features: dict[str, np.ndarray], maps: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        embeddings = _gap_embedding(features, self.stages_, self._run_chunks)
+        embeddings = gap_embedding(features, self.stages_, self._run_chunks)
         excluded = None
         if self.exclude_self:
             self._check_self_scoring(embeddings)
             excluded = np.eye(self.n_train_, dtype=bool)
-        sq, neighbours = _nearest_sq_distances(
+        sq, neighbours = nearest_sq_distances(
             embeddings, self.train_embeddings_, self.n_neighbors, excluded
         )
-        image_scores = _apply_metric(sq, self.metric).mean(axis=1)
+        image_scores = apply_metric(sq, self.metric).mean(axis=1)
         if not maps:
             return image_scores, None
         height, width = self.grid_hw_
@@ -142,16 +151,31 @@ class KNNDetector(BaseDetector):
         """Score each of the L test patches (L, D) against the retrieved images (k, L, D)."""
         if self.gallery == "same_location":
             diff = retrieved - test_patches[None]
-            return _apply_metric(np.einsum("kld,kld->kl", diff, diff), self.metric).mean(axis=0)
+            return apply_metric(np.einsum("kld,kld->kl", diff, diff), self.metric).mean(axis=0)
         gallery = retrieved.reshape(-1, retrieved.shape[-1])
-        sq, _ = _nearest_sq_distances(test_patches, gallery, self.n_patch_neighbors)
-        return _apply_metric(sq, self.metric).mean(axis=1)
+        sq, _ = nearest_sq_distances(test_patches, gallery, self.n_patch_neighbors)
+        return apply_metric(sq, self.metric).mean(axis=1)
 
     def _estimate_state_mb(self, n_train, n_test, shapes):
-        locations, dim = self._grid_and_dim(shapes)  # the finest grid: a bound for grid_stage
-        embeddings_mb = (n_train + n_test) * dim * 8 / _MB
+        locations, dim = grid_and_dim(shapes)  # the finest grid: a bound for grid_stage
+        embeddings_mb = (n_train + n_test) * dim * 8 / MB
         # Per running chunk: one aligned test image and gallery (gathered stages, upsampled,
         # concatenated, transposed) and the gallery's distance matrix with the top-k workspace.
-        gallery_mb = (self.n_neighbors + 1) * locations * dim * 4 * 3 / _MB
-        distances_mb = locations * self.n_neighbors * locations * 4 * 2 / _MB
-        return embeddings_mb + _n_workers(self.n_jobs) * (gallery_mb + distances_mb)
+        gallery_mb = (self.n_neighbors + 1) * locations * dim * 4 * 3 / MB
+        distances_mb = locations * self.n_neighbors * locations * 4 * 2 / MB
+        return embeddings_mb + n_workers(self.n_jobs) * (gallery_mb + distances_mb)
+
+    def fit_flops(self, shapes, n_fit):
+        return n_fit * gap_pooling_flops(self.used_shapes(shapes))  # the rest is a copy
+
+    def score_flops(self, shapes, n_fit, n_score, maps):
+        shapes = self.used_shapes(shapes)
+        locations, channels = grid_and_dim(shapes)
+        flops = n_score * gap_pooling_flops(shapes) + 2 * n_score * n_fit * channels
+        if maps:
+            k = self.n_neighbors
+            if self.gallery == "same_location":
+                flops += 3 * n_score * k * locations * channels
+            else:
+                flops += 2 * n_score * locations * k * locations * channels
+        return flops

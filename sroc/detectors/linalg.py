@@ -4,7 +4,7 @@ Cholesky factors and whitening."""
 from __future__ import annotations
 
 import numpy as np
-import torch
+from scipy.linalg import solve_triangular
 from scipy.linalg.lapack import dpotrf, dtrtri
 
 
@@ -17,21 +17,21 @@ def ledoit_wolf(x: np.ndarray, reg_covar: float = 0.0) -> tuple[np.ndarray, np.n
     ``reg_covar`` is added to the diagonal afterwards (0 keeps the estimator exact; PaDiM's
     original code adds 0.01).
     """
-    x = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    x = np.asarray(x, dtype=np.float64)
     n_samples = x.shape[-2]
     if n_samples < 2:
         raise ValueError(f"a covariance needs at least 2 training samples, got {n_samples}")
-    mean = x.mean(dim=-2)
+    mean = x.mean(axis=-2)
     centred = x - mean[..., None, :]
-    scatter = torch.matmul(centred.mT, centred)
+    scatter = np.matmul(centred.swapaxes(-1, -2), centred)
     fourth = ((centred**2).sum(-1) ** 2).sum(-1)
-    cov, shrinkage = shrunk_covariance(scatter.numpy(), fourth.numpy(), n_samples, reg_covar)
-    return mean.numpy(), cov, shrinkage
+    cov, shrinkage = shrunk_covariance(scatter, fourth, n_samples, reg_covar)
+    return mean, cov, shrinkage
 
 
 def shrunk_covariance(
-    scatter: np.ndarray | torch.Tensor,
-    fourth: np.ndarray | torch.Tensor,
+    scatter: np.ndarray,
+    fourth: np.ndarray,
     n_samples: int,
     reg_covar: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -49,39 +49,34 @@ def shrunk_covariance(
     trace = np.einsum("...ii->...", scatter, dtype=np.float64) / n_samples
     cov_sq_sum = np.einsum("...ij,...ij->...", scatter, scatter, dtype=np.float64) / n_samples**2
     shrinkage, mu = _shrinkage(
-        torch.from_numpy(np.asarray(trace)),
-        torch.from_numpy(np.asarray(cov_sq_sum)),
-        torch.as_tensor(np.asarray(fourth, dtype=np.float64)),
-        n_samples,
-        n_features,
+        trace, cov_sq_sum, np.asarray(fourth, dtype=np.float64), n_samples, n_features
     )
-    shrinkage, mu = shrinkage.numpy(), mu.numpy()
     cov = np.multiply(scatter, ((1.0 - shrinkage) / n_samples)[..., None, None], dtype=np.float64)
     np.einsum("...ii->...i", cov)[...] += (shrinkage * mu + reg_covar)[..., None]
     return cov, shrinkage
 
 
 def _shrinkage(
-    trace: torch.Tensor,
-    cov_sq_sum: torch.Tensor,
-    fourth: torch.Tensor,
+    trace: np.ndarray,
+    cov_sq_sum: np.ndarray,
+    fourth: np.ndarray,
     n_samples: int,
     n_features: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Ledoit-Wolf shrinkage and target scale mu = trace/d from trace(S), ||S||_F^2 and
     sum_k ||x_k||^4 (scikit-learn's closed form)."""
     mu = trace / n_features
     beta = (fourth / n_samples - cov_sq_sum) / (n_features * n_samples)
     delta = (cov_sq_sum - 2.0 * mu * trace + n_features * mu**2) / n_features
-    beta = torch.minimum(beta, delta)
-    shrinkage = torch.where(delta > 0, beta / torch.where(delta > 0, delta, 1.0), 0.0)
+    beta = np.minimum(beta, delta)
+    shrinkage = np.where(delta > 0, beta / np.where(delta > 0, delta, 1.0), 0.0)
     if n_features == 1:
-        shrinkage = torch.zeros_like(shrinkage)
+        shrinkage = np.zeros_like(shrinkage)
     return shrinkage, mu
 
 
 def leave_one_out_mahalanobis(
-    x: np.ndarray | torch.Tensor, reg_covar: float = 0.0
+    x: np.ndarray, reg_covar: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Squared Mahalanobis distance of each sample to the Ledoit-Wolf Gaussian of the *other*
     samples, and that Gaussian's precision times the sample's offset, in closed form.
@@ -95,15 +90,15 @@ def leave_one_out_mahalanobis(
     a_i S + b_i I - g_i c_i c_i^T is inverted on c_i by Sherman-Morrison. Cost: one
     eigendecomposition and O(n d^2) per Gaussian, instead of n refits.
     """
-    x = torch.as_tensor(np.asarray(x, dtype=np.float64))
+    x = np.asarray(x, dtype=np.float64)
     n, d = x.shape[-2:]
     if n < 3:
         raise ValueError(f"leave-one-out needs at least 3 training samples, got {n}")
     m = n - 1
-    centred = x - x.mean(dim=-2, keepdim=True)
-    emp_cov = torch.matmul(centred.mT, centred) / n
-    eigenvalues, eigenvectors = torch.linalg.eigh(emp_cov)
-    projections = torch.matmul(centred, eigenvectors)  # (..., n, d)
+    centred = x - x.mean(axis=-2, keepdims=True)
+    emp_cov = np.matmul(centred.swapaxes(-1, -2), centred) / n
+    eigenvalues, eigenvectors = np.linalg.eigh(emp_cov)
+    projections = np.matmul(centred, eigenvectors)  # (..., n, d)
     sq_norms = (centred**2).sum(-1)  # a_i
     quad = (projections**2 * eigenvalues[..., None, :]).sum(-1)  # c_i^T S c_i
     weighted = (sq_norms[..., None] * centred).sum(-2)  # sum_j a_j c_j
@@ -115,8 +110,8 @@ def leave_one_out_mahalanobis(
     # sum_{j != i} ||c_j + c_i/(n-1)||^4, expanded over all j, minus the j = i term.
     shift, twice = sq_norms / m**2, 2.0 / m
     all_terms = (
-        (sq_norms**2).sum(-1, keepdim=True)
-        + 2.0 * shift * sq_norms.sum(-1, keepdim=True)
+        (sq_norms**2).sum(-1, keepdims=True)
+        + 2.0 * shift * sq_norms.sum(-1, keepdims=True)
         + n * shift**2
         + 2.0 * twice * cross
         + twice**2 * n * quad
@@ -131,37 +126,39 @@ def leave_one_out_mahalanobis(
     denominator = 1.0 - rank_one * quad_inverse
     sq_distances = (n / m) ** 2 * quad_inverse / denominator
     precision_offsets = (
-        torch.matmul(projections * inverse_diagonal, eigenvectors.mT)
+        np.matmul(projections * inverse_diagonal, eigenvectors.swapaxes(-1, -2))
         * (n / m / denominator)[..., None]
     )
-    return sq_distances.numpy(), precision_offsets.numpy()
+    return sq_distances, precision_offsets
 
 
 def cholesky_factors(cov: np.ndarray, what: str) -> np.ndarray:
     """Lower Cholesky factors L of covariances C = L L^T (batched, float64), so that the
     Mahalanobis distance is ||L^-1 (x - mu)||, a sum of squares that cannot go negative."""
-    chol, info = torch.linalg.cholesky_ex(torch.as_tensor(cov))
-    if bool((info != 0).any()):
+    try:
+        return np.linalg.cholesky(np.asarray(cov, dtype=np.float64))
+    except np.linalg.LinAlgError:
         raise ValueError(
             f"the covariance of {what} is singular (constant features and no shrinkage); set "
             "reg_covar > 0 (e.g. 0.01 as PaDiM) or use fewer features"
-        )
-    return chol.numpy()
+        ) from None
 
 
 def whiten(chol: np.ndarray, centred: np.ndarray) -> np.ndarray:
     """z = L^-1 x for rows x of ``centred`` (..., m, d), with L (..., d, d) lower triangular:
     ||z|| is the Mahalanobis distance. A triangular solve costs what a product with a stored
     inverse would, without forming the inverse."""
-    solved = torch.linalg.solve_triangular(
-        torch.as_tensor(chol), torch.as_tensor(centred).mT, upper=False
-    )
-    return solved.mT.numpy()
+    chol, centred = np.asarray(chol), np.asarray(centred)
+    batch = np.broadcast_shapes(chol.shape[:-2], centred.shape[:-2])
+    chol = np.broadcast_to(chol, (*batch, *chol.shape[-2:]))
+    centred = np.broadcast_to(centred, (*batch, *centred.shape[-2:]))
+    out = np.empty(centred.shape, dtype=np.result_type(chol, centred))
+    for index in np.ndindex(batch):
+        out[index] = solve_triangular(chol[index], centred[index].T, lower=True).T
+    return out
 
 
-def inverse_cholesky(
-    cov: np.ndarray | torch.Tensor, what: str, out: np.ndarray | None = None
-) -> np.ndarray:
+def inverse_cholesky(cov: np.ndarray, what: str, out: np.ndarray | None = None) -> np.ndarray:
     """W = L^-1 (batched, lower triangular) for covariances C = L L^T, computed in float64:
     ||W (x - mu)|| is the Mahalanobis distance, so scoring many vectors is one matrix product
     per Gaussian. Written to ``out`` (any float dtype, e.g. float32 for scoring) when given, else

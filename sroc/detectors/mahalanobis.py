@@ -5,9 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
+from scipy.linalg import solve_triangular
 
-from sroc.detectors.base import _MB, BaseDetector, _gap_embedding, _upsample
+from sroc.detectors.base import (
+    MB,
+    BaseDetector,
+    gap_embedding,
+    gap_pooling_flops,
+    grid_and_dim,
+    upsample_maps,
+)
 from sroc.detectors.linalg import (
     cholesky_factors,
     leave_one_out_mahalanobis,
@@ -16,7 +23,7 @@ from sroc.detectors.linalg import (
 )
 
 
-class MahalanobisDetector(BaseDetector):
+class MahalanobisDetector(BaseDetector, name="mahalanobis", label="Mahalanobis"):
     """Gaussian on global-average-pooled features, one per stage (SROC paper, 3.1.2).
 
     Image score: sum over stages of sqrt((g - mu)^T S^-1 (g - mu)), g the GAP of the stage and S
@@ -45,6 +52,7 @@ class MahalanobisDetector(BaseDetector):
     """
 
     runtime_seconds_per_image = 0.005
+    supports_exclude_self = True
 
     def __init__(
         self,
@@ -90,7 +98,7 @@ class MahalanobisDetector(BaseDetector):
 
     def _pooled(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """GAP vectors of each used stage, float64 (n, C)."""
-        embedding = _gap_embedding(features, self.stages_, self._run_chunks)
+        embedding = gap_embedding(features, self.stages_, self._run_chunks)
         widths = np.cumsum([features[s].shape[1] for s in self.stages_])[:-1]
         return dict(zip(self.stages_, np.split(embedding, widths, axis=1), strict=True))
 
@@ -109,8 +117,7 @@ class MahalanobisDetector(BaseDetector):
         if not maps:
             return scores, None
         cam = self._grad_cam(features[self.cam_stage_], per_stage[self.cam_stage_][1])
-        grid = _upsample(torch.from_numpy(cam)[:, None], self.grid_hw_, "bilinear")[:, 0]
-        return scores, grid.numpy()
+        return scores, upsample_maps(cam, self.grid_hw_, "bilinear")
 
     def _stage_distances(self, pooled: np.ndarray, stage: str) -> tuple[np.ndarray, np.ndarray]:
         """Mahalanobis distances (n,) of the pooled features (n, C) and the gradient of the
@@ -120,9 +127,7 @@ class MahalanobisDetector(BaseDetector):
         whitened = whiten(chol, centred)
         distances = np.sqrt(np.einsum("nc,nc->n", whitened, whitened))
         # S^-1 (g - mu) = L^-T L^-1 (g - mu): a second triangular solve, with L^T.
-        precision_centred = torch.linalg.solve_triangular(
-            torch.from_numpy(chol.T), torch.from_numpy(whitened.T), upper=True
-        ).T.numpy()
+        precision_centred = solve_triangular(chol, whitened.T, trans="T", lower=True).T
         return distances, _gradient(distances, precision_centred)
 
     def _left_out_distances(self, pooled: np.ndarray, stage: str) -> tuple[np.ndarray, np.ndarray]:
@@ -144,9 +149,25 @@ class MahalanobisDetector(BaseDetector):
         return np.maximum(cam, 0.0).astype(np.float32)
 
     def _estimate_state_mb(self, n_train, n_test, shapes):
-        covariances = sum(chw[0] ** 2 for chw in shapes.values()) * 8 * 3 / _MB
-        locations, _ = self._grid_and_dim(shapes)
-        return covariances + (n_train + n_test) * locations * 4 * 2 / _MB
+        covariances = sum(chw[0] ** 2 for chw in shapes.values()) * 8 * 3 / MB
+        locations, _ = grid_and_dim(shapes)
+        return covariances + (n_train + n_test) * locations * 4 * 2 / MB
+
+    def fit_flops(self, shapes, n_fit):
+        shapes = self.used_shapes(shapes)
+        # Per stage: the covariance of the pooled features and its Cholesky factor.
+        return n_fit * gap_pooling_flops(shapes) + sum(
+            2 * n_fit * c**2 + c**3 / 3 for c, _, _ in shapes.values()
+        )
+
+    def score_flops(self, shapes, n_fit, n_score, maps):
+        shapes = self.used_shapes(shapes)
+        flops = n_score * gap_pooling_flops(shapes)
+        flops += sum(n_score * c**2 for c, _, _ in shapes.values())
+        if maps:  # Grad-CAM on the coarsest stage: a second triangular solve and a weighting
+            c, h, w = min(shapes.values(), key=lambda chw: chw[1] * chw[2])
+            flops += n_score * c**2 + 2 * n_score * c * h * w
+        return flops
 
 
 def _gradient(distances: np.ndarray, precision_offsets: np.ndarray) -> np.ndarray:

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy.linalg.blas import get_blas_funcs
 
-from sroc.detectors.base import _MB, WORKSPACE_MB
+from sroc.detectors.base import MB, WORKSPACE_MB
 
 _METRICS = ("euclidean", "sqeuclidean")
 
 
-def _check_metric(metric: str) -> None:
+def check_metric(metric: str) -> None:
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
 
 
-def _apply_metric(sq_distances: np.ndarray, metric: str) -> np.ndarray:
+def apply_metric(sq_distances: np.ndarray, metric: str) -> np.ndarray:
     return np.sqrt(sq_distances) if metric == "euclidean" else sq_distances
 
 
@@ -38,7 +37,7 @@ def exact_sq_distances(queries: np.ndarray, base: np.ndarray, ids: np.ndarray) -
     return out
 
 
-def _nearest_sq_distances(
+def nearest_sq_distances(
     queries: np.ndarray, base: np.ndarray, n_neighbors: int, excluded: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by brute force: (squared distances, indices), ascending.
@@ -57,7 +56,7 @@ def _nearest_sq_distances(
     indices = np.empty((queries.shape[0], n_neighbors), dtype=np.int64)
     # Blocks of query rows share one (rows x n_base) buffer of candidate distances: a few MB
     # reused in cache, where a fresh large temporary per block is paged in anew (measured).
-    step = max(1, min(_CANDIDATE_ROWS, int(WORKSPACE_MB * _MB // (base.shape[0] * 8))))
+    step = max(1, min(_CANDIDATE_ROWS, int(WORKSPACE_MB * MB // (base.shape[0] * 8))))
     buffer = np.empty((min(step, queries.shape[0]), base.shape[0]), dtype=dtype)
     for start in range(0, queries.shape[0], step):
         block = slice(start, start + step)
@@ -69,11 +68,13 @@ def _nearest_sq_distances(
         approx = buffer[: rows.shape[0]]
         approx[...] = base_sq_norms
         gemm(-2.0, base.T, rows.T, beta=1.0, c=approx.T, trans_a=1, overwrite_c=1)
-        approx = torch.from_numpy(approx)
         if excluded is not None:
-            approx[torch.from_numpy(excluded[block])] = torch.inf
-        # torch.topk is much faster than np.argpartition on wide rows.
-        candidates = torch.topk(approx, n_candidates, dim=1, largest=False).indices.numpy()
+            approx[excluded[block]] = np.inf
+        # The candidates in index order: the stable sort by exact distance below then breaks
+        # ties by index, whatever order the partition left them in.
+        candidates = np.sort(
+            np.argpartition(approx, n_candidates - 1, axis=1)[:, :n_candidates], axis=1
+        )
         exact = exact_sq_distances(rows, base, candidates)
         if excluded is not None:
             exact[np.take_along_axis(excluded[block], candidates, axis=1)] = np.inf

@@ -9,7 +9,14 @@ import numpy as np
 from scipy.linalg.blas import strmm
 
 from sroc.detectors import base
-from sroc.detectors.base import _IMAGE_CHUNK, _MB, BaseDetector, _gap_embedding, _n_workers
+from sroc.detectors.base import (
+    IMAGE_CHUNK,
+    MB,
+    BaseDetector,
+    gap_embedding,
+    grid_and_dim,
+    n_workers,
+)
 from sroc.detectors.linalg import (
     inverse_cholesky,
     leave_one_out_mahalanobis,
@@ -21,7 +28,7 @@ from sroc.detectors.linalg import (
 _SCRATCH_SHARES = 8
 
 
-class PaDiMDetector(BaseDetector):
+class PaDiMDetector(BaseDetector, name="padim", label="PaDiM"):
     """One Ledoit-Wolf Gaussian per location of the aligned feature grid (SROC paper, 3.1.3).
 
     The stages are upsampled to the finest used grid by nearest replication (as PaDiM) and
@@ -56,6 +63,7 @@ class PaDiMDetector(BaseDetector):
     """
 
     runtime_seconds_per_image = 0.02
+    supports_exclude_self = True
 
     def __init__(
         self,
@@ -93,17 +101,17 @@ class PaDiMDetector(BaseDetector):
 
     def _chunk_locations(self, dim: int, n_images: int) -> int:
         """Locations per chunk: a fixed share of the scratch budget, independent of n_jobs."""
-        chunk_bytes = base.WORKSPACE_MB * _MB / _SCRATCH_SHARES
+        chunk_bytes = base.WORKSPACE_MB * MB / _SCRATCH_SHARES
         return max(1, int(chunk_bytes // self._location_bytes(dim, n_images)))
 
     def _memory_mb(self, locations: int, dim: int, n_images: int) -> tuple[float, float]:
         """Fitted state and scratch: the chunks running at once and the location-major copy of
         the selected channels (at most the features' size, as d <= D)."""
-        state = locations * (dim * dim * 4 + dim * 8) / _MB
+        state = locations * (dim * dim * 4 + dim * 8) / MB
         chunk_locations = min(self._chunk_locations(dim, n_images), locations)
         chunk = chunk_locations * self._location_bytes(dim, n_images)
-        workers = _n_workers(self.n_jobs)
-        return state, (workers * chunk + n_images * locations * dim * 4) / _MB
+        workers = n_workers(self.n_jobs)
+        return state, (workers * chunk + n_images * locations * dim * 4) / MB
 
     def _fit(self, features: dict[str, np.ndarray]) -> None:
         locations = self.grid_hw_[0] * self.grid_hw_[1]
@@ -111,7 +119,7 @@ class PaDiMDetector(BaseDetector):
         dim = self._dimension(total)
         state_mb, workspace_mb = self._memory_mb(locations, dim, self.n_train_)
         if state_mb + workspace_mb > self.max_memory_mb:
-            per_dim = locations * 4 / _MB
+            per_dim = locations * 4 / MB
             largest = int(math.isqrt(max(0, int((self.max_memory_mb - workspace_mb) / per_dim))))
             raise ValueError(
                 f"PaDiM needs {state_mb:.0f} MB for {locations} per-location covariances of "
@@ -125,7 +133,7 @@ class PaDiMDetector(BaseDetector):
                 raise ValueError(
                     f"exclude_self needs at least 3 training images, got {self.n_train_}"
                 )
-            self.train_embeddings_ = _gap_embedding(features, self.stages_, self._run_chunks)
+            self.train_embeddings_ = gap_embedding(features, self.stages_, self._run_chunks)
         rng = np.random.default_rng(self.random_state)
         self.channels_ = (
             np.arange(total) if dim == total else np.sort(rng.choice(total, dim, replace=False))
@@ -184,7 +192,7 @@ class PaDiMDetector(BaseDetector):
                 part = features[stage][block][:, local]
                 target[:, block] = part.reshape(part.shape[0], len(local), -1).transpose(2, 0, 1)
 
-        self._run_chunks(copy_block, n_images, _IMAGE_CHUNK)
+        self._run_chunks(copy_block, n_images, IMAGE_CHUNK)
         return out
 
     def _gather(self, parts: list[np.ndarray], block: slice) -> np.ndarray:
@@ -214,7 +222,7 @@ class PaDiMDetector(BaseDetector):
         n_images = next(iter(features.values())).shape[0]
         locations = self.grid_hw_[0] * self.grid_hw_[1]
         if self.exclude_self:
-            self._check_self_scoring(_gap_embedding(features, self.stages_, self._run_chunks))
+            self._check_self_scoring(gap_embedding(features, self.stages_, self._run_chunks))
         samples = self._location_major(features)
         distances = np.empty((locations, n_images), dtype=np.float32)
 
@@ -244,8 +252,21 @@ class PaDiMDetector(BaseDetector):
         return scores, np.ascontiguousarray(distances.T).reshape(n_images, *self.grid_hw_)
 
     def _estimate_state_mb(self, n_train, n_test, shapes):
-        locations, total = self._grid_and_dim(shapes)
+        locations, total = grid_and_dim(shapes)
         dim = total if self.n_features is None else min(int(self.n_features), total)
         state, workspace = self._memory_mb(locations, dim, max(n_train, n_test))
         # Distances (float32) and the maps, their transposed copy.
-        return state + workspace + 2 * n_test * locations * 4 / _MB
+        return state + workspace + 2 * n_test * locations * 4 / MB
+
+    def _flop_dim(self, shapes) -> tuple[int, int]:
+        """Locations of the grid and the Gaussians' dimension d."""
+        locations, channels = grid_and_dim(self.used_shapes(shapes))
+        return locations, channels if self.n_features is None else int(self.n_features)
+
+    def fit_flops(self, shapes, n_fit):
+        locations, dim = self._flop_dim(shapes)
+        return locations * (2 * n_fit * dim**2 + dim**3 / 3)  # covariance and Cholesky
+
+    def score_flops(self, shapes, n_fit, n_score, maps):
+        locations, dim = self._flop_dim(shapes)
+        return locations * n_score * dim**2  # a triangular product per location; maps come free

@@ -5,32 +5,51 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import faiss
 import numpy as np
-import torch
-import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
 from sroc.detectors.base import (
-    _IMAGE_CHUNK,
-    _MB,
-    _QUERY_CHUNK,
-    _UPSAMPLE_MODES,
+    IMAGE_CHUNK,
+    MB,
+    QUERY_CHUNK,
+    UPSAMPLE_MODES,
     BaseDetector,
-    _gap_embedding,
-    _onto_grid,
-    _thread_limit,
+    adaptive_average_pool,
+    gap_embedding,
+    grid_and_dim,
+    onto_grid,
+    thread_limit,
 )
 from sroc.detectors.neighbours import (
-    _apply_metric,
-    _check_metric,
-    _nearest_sq_distances,
+    apply_metric,
+    check_metric,
     exact_sq_distances,
+    nearest_sq_distances,
 )
 
+# faiss IndexIVF's cp.niter: the k-means iterations of IVF training.
+FAISS_KMEANS_ITERATIONS = 10
 # Self-scoring with an exact search masks each chunk's own patches in one (queries x bank)
 # boolean matrix while it has at most this many entries (64 MB); larger banks search per image.
 _MASKED_SEARCH_ENTRIES = 2**26
+
+
+def local_average(maps: np.ndarray, size: int) -> np.ndarray:
+    """Mean over the ``size`` x ``size`` neighbourhood of every cell of (n, C, h, w) float32
+    maps, zero-padded with the padded cells counted (torch's ``avg_pool2d(maps, size, stride=1,
+    padding=size // 2, count_include_pad=True)``, PatchCore's local aggregation): sums of
+    shifted views along each axis, float32."""
+    half = size // 2
+    padded = np.pad(maps, ((0, 0), (0, 0), (half, half), (half, half)))
+    height, width = maps.shape[-2:]
+    rows = padded[:, :, 0:height, :].copy()
+    for shift in range(1, size):
+        rows += padded[:, :, shift : shift + height, :]
+    out = rows[:, :, :, 0:width].copy()
+    for shift in range(1, size):
+        out += rows[:, :, :, shift : shift + width]
+    out /= np.float32(size * size)
+    return out
 
 
 def _thread_independent_product(rows: np.ndarray, projection: np.ndarray) -> np.ndarray:
@@ -135,7 +154,7 @@ def greedy_coreset_indices(
     return np.sort(np.asarray(selected, dtype=np.int64))
 
 
-class PatchCoreDetector(BaseDetector):
+class PatchCoreDetector(BaseDetector, name="patchcore", label="PatchCore"):
     """Nearest-neighbour search among all training patches (SROC paper, 3.1.4).
 
     Patch features: each stage is optionally averaged over a ``patch_size`` x ``patch_size``
@@ -190,8 +209,9 @@ class PatchCoreDetector(BaseDetector):
     reductions change the centroids), and the coreset's products split no summed axis.
     """
 
-    has_patch_bank = True
     runtime_seconds_per_image = 0.1
+    supports_exclude_self = True
+    has_patch_bank = True
 
     def __init__(
         self,
@@ -242,29 +262,18 @@ class PatchCoreDetector(BaseDetector):
         height, width = self.grid_hw_
         parts = []
         for stage in self.stages_:
-            maps = torch.from_numpy(np.asarray(features[stage], dtype=np.float32))
+            maps = np.asarray(features[stage], dtype=np.float32)
             if self.patch_size > 1:
-                maps = F.avg_pool2d(
-                    maps,
-                    self.patch_size,
-                    stride=1,
-                    padding=self.patch_size // 2,
-                    count_include_pad=True,
-                )
+                maps = local_average(maps, self.patch_size)
             if self.layer_dim is not None:
                 # Channel pooling commutes with the spatial resampling: pool on the stage grid.
-                n, _, h, w = maps.shape
-                pooled = F.adaptive_avg_pool1d(
-                    maps.permute(0, 2, 3, 1).reshape(-1, 1, maps.shape[1]), self.layer_dim
-                )
-                maps = pooled.reshape(n, h, w, self.layer_dim).permute(0, 3, 1, 2)
-            parts.append(_onto_grid(maps, (height, width), self.upsample))
-        patches = (
-            torch.cat(parts, dim=1).permute(0, 2, 3, 1).reshape(-1, sum(p.shape[1] for p in parts))
-        )
+                maps = adaptive_average_pool(maps, int(self.layer_dim), axis=1)
+            parts.append(onto_grid(maps, (height, width), self.upsample))
+        patches = np.concatenate(parts, axis=1).transpose(0, 2, 3, 1)
+        patches = patches.reshape(-1, patches.shape[-1])
         if self.target_dim is not None:
-            patches = F.adaptive_avg_pool1d(patches[:, None, :], self.target_dim)[:, 0, :]
-        patches = np.ascontiguousarray(patches.numpy())
+            patches = adaptive_average_pool(patches, int(self.target_dim), axis=1)
+        patches = np.ascontiguousarray(patches)
         if self.projection_ is not None:
             patches = _thread_independent_product(patches, self.projection_)
         return patches
@@ -278,11 +287,11 @@ class PatchCoreDetector(BaseDetector):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive int or None, got {value}")
-        _check_metric(self.metric)
+        check_metric(self.metric)
         if self.index not in ("ivfflat", "flat"):
             raise ValueError(f"index must be 'ivfflat' or 'flat', got {self.index!r}")
-        if self.upsample not in _UPSAMPLE_MODES:
-            raise ValueError(f"upsample must be one of {_UPSAMPLE_MODES}, got {self.upsample!r}")
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
         if self.patch_size < 1 or self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be a positive odd int, got {self.patch_size}")
         if self.target_dim is not None and not 1 <= self.target_dim <= total_dim:
@@ -296,7 +305,7 @@ class PatchCoreDetector(BaseDetector):
         total_dim = self._concatenated_dim([features[s].shape[1] for s in self.stages_])
         self._check_params(total_dim)
         self._use_grid_stage(features, self.grid_stage)
-        self.train_embeddings_ = _gap_embedding(features, self.stages_)
+        self.train_embeddings_ = gap_embedding(features, self.stages_)
         locations = self.grid_hw_[0] * self.grid_hw_[1]
         dim = total_dim if self.target_dim is None else int(self.target_dim)
         rng = np.random.default_rng(self.random_state)
@@ -308,8 +317,8 @@ class PatchCoreDetector(BaseDetector):
             ).astype(np.float32)
             dim = int(self.projection_dim)
         bank = np.empty((self.n_train_ * locations, dim), dtype=np.float32)
-        for start in range(0, self.n_train_, _IMAGE_CHUNK):
-            chunk = {s: a[start : start + _IMAGE_CHUNK] for s, a in features.items()}
+        for start in range(0, self.n_train_, IMAGE_CHUNK):
+            chunk = {s: a[start : start + IMAGE_CHUNK] for s, a in features.items()}
             patches = self.patch_features(chunk)
             bank[start * locations : start * locations + patches.shape[0]] = patches
         kept = self._remaining_patches(bank.shape[0])
@@ -381,9 +390,14 @@ class PatchCoreDetector(BaseDetector):
         # 0.97-0.99 on real 380 px features (docs/detectors.md, benchmarks/detectors.py).
         return int(min(max(1, round(3 * math.sqrt(n_memory))), n_memory))
 
-    def _build_index(self, bank: np.ndarray, seed: int) -> faiss.Index | None:
+    def _build_index(self, bank: np.ndarray, seed: int):
+        """The faiss IVF index of the memory bank, or None for exact search."""
         if self.index == "flat":
             return None  # exact search runs on the memory bank itself (_exact_ids)
+        # Imported here, by the IVF index alone: faiss loads its own BLAS (180 ms, measured),
+        # which jobs that only rank, score exactly or use another detector need not pay.
+        import faiss
+
         dim = bank.shape[1]
         self.n_lists_ = self._resolved_n_lists(bank.shape[0])
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, self.n_lists_)
@@ -393,7 +407,7 @@ class PatchCoreDetector(BaseDetector):
         index.cp.min_points_per_centroid = 1
         # faiss's k-means reduces across threads, so its centroids change with the thread
         # count (measured): train on one thread, so that the cells depend on the data only.
-        with _thread_limit(1):
+        with thread_limit(1):
             index.train(bank)
         index.add(bank)
         return index
@@ -403,6 +417,8 @@ class PatchCoreDetector(BaseDetector):
     def _search_params(self, excluded_range: tuple[int, int] | None):
         if self.n_probes < 1:
             raise ValueError(f"n_probes must be >= 1, got {self.n_probes}")
+        import faiss  # loaded by _build_index already
+
         params = faiss.SearchParametersIVF()
         params.nprobe = min(int(self.n_probes), self.n_lists_)
         selector = None
@@ -423,7 +439,7 @@ class PatchCoreDetector(BaseDetector):
         sq_parts, id_parts = [], []
         for low, high in ((0, start), (stop, bank.shape[0])):
             if high > low:
-                sq, ids = _nearest_sq_distances(
+                sq, ids = nearest_sq_distances(
                     queries, bank[low:high], min(self.n_neighbors, high - low)
                 )
                 sq_parts.append(sq)
@@ -452,7 +468,7 @@ class PatchCoreDetector(BaseDetector):
             if excluded_range is not None:
                 excluded = np.zeros((int(missing.sum()), self.memory_bank_.shape[0]), dtype=bool)
                 excluded[:, excluded_range[0] : excluded_range[1]] = True
-            _, ids[missing] = _nearest_sq_distances(
+            _, ids[missing] = nearest_sq_distances(
                 queries[missing], self.memory_bank_, self.n_neighbors, excluded
             )
         sq = exact_sq_distances(queries, self.memory_bank_, ids)
@@ -465,12 +481,12 @@ class PatchCoreDetector(BaseDetector):
         """Image scores and, with ``maps``, the patch-score maps; without, no map is kept."""
         n_images = next(iter(features.values())).shape[0]
         if self.exclude_self:
-            self._check_self_scoring(_gap_embedding(features, self.stages_))
+            self._check_self_scoring(gap_embedding(features, self.stages_))
         height, width = self.grid_hw_
         image_scores = np.empty(n_images, dtype=np.float64)
         patch_maps = np.empty((n_images, height, width), dtype=np.float32) if maps else None
-        # Chunks of about _QUERY_CHUNK patches bound the gathered neighbours (q x k x D).
-        step = max(1, _QUERY_CHUNK // (height * width))
+        # Chunks of about QUERY_CHUNK patches bound the gathered neighbours (q x k x D).
+        step = max(1, QUERY_CHUNK // (height * width))
         for start in range(0, n_images, step):
             stop = min(start + step, n_images)
             patches = self.patch_features({s: a[start:stop] for s, a in features.items()})
@@ -484,9 +500,7 @@ class PatchCoreDetector(BaseDetector):
                 owner = np.repeat(np.arange(start, stop), height * width)
                 memory_owner = np.repeat(np.arange(self.n_train_), np.diff(self.image_offsets_))
                 excluded = owner[:, None] == memory_owner[None, :]
-                sq = _nearest_sq_distances(patches, self.memory_bank_, self.n_neighbors, excluded)[
-                    0
-                ]
+                sq = nearest_sq_distances(patches, self.memory_bank_, self.n_neighbors, excluded)[0]
             elif self.exclude_self:
                 per_image = patches.reshape(stop - start, height * width, -1)
                 sq = np.stack(
@@ -503,7 +517,7 @@ class PatchCoreDetector(BaseDetector):
                 )
             else:
                 sq = self.kneighbors(patches)[0]
-            scores = _apply_metric(sq, self.metric).mean(axis=-1).reshape(stop - start, -1)
+            scores = apply_metric(sq, self.metric).mean(axis=-1).reshape(stop - start, -1)
             image_scores[start:stop] = scores.max(axis=1)
             if maps:
                 patch_maps[start:stop] = scores.reshape(stop - start, height, width)
@@ -511,7 +525,7 @@ class PatchCoreDetector(BaseDetector):
 
     def _estimate_state_mb(self, n_train, n_test, shapes):
         # The finest grid bounds grid_stage's; chunks hold the stages' own channels too.
-        locations, total = self._grid_and_dim(shapes)
+        locations, total = grid_and_dim(shapes)
         pooled = self._concatenated_dim([chw[0] for chw in shapes.values()])
         total = max(total, pooled)
         dim = pooled if self.target_dim is None else min(int(self.target_dim), pooled)
@@ -524,14 +538,57 @@ class PatchCoreDetector(BaseDetector):
         # Our memory bank plus faiss's copy, whose inverted lists grow by doubling (up to 1.5x
         # on average); during a coreset selection the full bank and its projection coexist
         # with the kept copy.
-        bank_mb = 2.5 * kept * dim * 4 / _MB
+        bank_mb = 2.5 * kept * dim * 4 / MB
         if self.coreset_ratio is not None:
             projection = min(self.coreset_projection_dim or dim, dim)
             bank_mb = max(
-                bank_mb, n_patches * (dim + projection + 1) * 4 / _MB + kept * dim * 4 / _MB
+                bank_mb, n_patches * (dim + projection + 1) * 4 / MB + kept * dim * 4 / MB
             )
         # Patch features of a chunk of training images (pooled, upsampled, concatenated and
         # permuted copies) and, when scoring, the gathered neighbours of a chunk of queries.
-        chunk_mb = _IMAGE_CHUNK * locations * total * 4 * 4 / _MB
-        query_mb = _QUERY_CHUNK * (2 * self.n_neighbors + 2) * dim * 4 / _MB
+        chunk_mb = IMAGE_CHUNK * locations * total * 4 * 4 / MB
+        query_mb = QUERY_CHUNK * (2 * self.n_neighbors + 2) * dim * 4 / MB
         return bank_mb + max(chunk_mb, query_mb)
+
+    # -- FLOP models -----------------------------------------------------------------------------
+
+    def _flop_bank(self, n_fit: float) -> tuple[float, int, float, int]:
+        """(patches, patch dim, memory bank size, coreset projection dim) for ``n_fit`` images,
+        on the fitted patch grid (``grid_stage`` may be coarser than the finest stage) and patch
+        dimension (after ``layer_dim``, ``target_dim`` or ``projection_dim``)."""
+        locations = math.prod(self.grid_hw_)
+        dim = int(self.memory_bank_.shape[1])
+        patches = n_fit * locations
+        memory = patches
+        projection = dim
+        if self.coreset_ratio is not None and self.coreset_ratio < 1:
+            memory = max(self.n_neighbors, math.ceil(self.coreset_ratio * patches))
+            projection = min(self.coreset_projection_dim or dim, dim)
+        return patches, dim, memory, projection
+
+    def fit_flops(self, shapes, n_fit):
+        _, channels = grid_and_dim(self.used_shapes(shapes))
+        # The coreset is counted as plain greedy selection (one distance update per pick); the
+        # active-set selection skips most of those, so its share of the limit can exceed 1.
+        patches, dim, memory, projection = self._flop_bank(n_fit)
+        flops = 9 * patches * channels  # 3x3 local aggregation of every patch
+        if memory < patches:
+            if projection < dim:
+                flops += 2 * patches * dim * projection
+            flops += 2 * memory * patches * projection  # one matrix-vector product per pick
+        if self.index == "ivfflat":
+            lists = self._resolved_n_lists(int(memory))
+            trained = min(memory, lists * self.ivf_train_points_per_list)
+            flops += FAISS_KMEANS_ITERATIONS * 2 * trained * lists * dim
+        return flops
+
+    def score_flops(self, shapes, n_fit, n_score, maps):
+        locations, channels = grid_and_dim(self.used_shapes(shapes))
+        _, dim, memory, _ = self._flop_bank(n_fit)
+        queries = n_score * locations
+        flops = 9 * queries * channels
+        if self.index == "ivfflat":
+            lists = self._resolved_n_lists(int(memory))
+            probes = min(self.n_probes, lists)
+            return flops + 2 * queries * dim * (lists + probes * memory / lists)
+        return flops + 2 * queries * memory * dim

@@ -1,4 +1,5 @@
-"""Anomaly-map post-processing: resize to a target size and smooth, in one place."""
+"""Map geometry shared by the detectors' outputs and the evaluation: resize anomaly maps to a
+target size (whole or a box of the grid) and smooth them, in one place."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 
@@ -18,6 +17,37 @@ def _as_hw(size: int | Sequence[int], name: str) -> tuple[int, int]:
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {size!r}")
     return size
+
+
+def _bilinear_taps(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Half-pixel-centre bilinear sampling of ``in_size`` cells at ``out_size`` points: the two
+    source cells of each output point and the weight of the second. Output point i samples
+    position (i + 0.5) in_size / out_size - 0.5, clamped to the outermost cell centres (torch's
+    ``interpolate(..., mode="bilinear", align_corners=False)``)."""
+    centres = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    centres = np.clip(centres, 0.0, in_size - 1)
+    low = np.floor(centres).astype(np.intp)
+    high = np.minimum(low + 1, in_size - 1)
+    return low, high, (centres - low).astype(np.float32)
+
+
+def bilinear_resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resample the last two axes of ``values`` to ``size`` = (height, width) by bilinear
+    interpolation with half-pixel centres (``align_corners=False``, as torch, PaDiM and
+    PatchCore), in float32: one axis, then the other, each output a weighted sum of two
+    gathered source values (no product matrix, so no BLAS thread count can change a result)."""
+    out = np.asarray(values, dtype=np.float32)
+    for axis, out_size in ((-2, int(size[0])), (-1, int(size[1]))):
+        in_size = out.shape[axis]
+        if in_size == out_size:
+            continue
+        low, high, fraction = _bilinear_taps(out_size, in_size)
+        weight = fraction.reshape((-1, 1) if axis == -2 else (-1,))
+        resampled = np.take(out, low, axis=axis)
+        resampled *= 1.0 - weight
+        resampled += np.take(out, high, axis=axis) * weight
+        out = resampled
+    return out
 
 
 def resize_maps(
@@ -33,9 +63,9 @@ def resize_maps(
         0 disables smoothing. Use :func:`scale_sigma` to convert a sigma stated at the backbone
         input size (PaDiM and PatchCore use 4 px) to the output size.
 
-    Bilinear interpolation uses half-pixel centres (``align_corners=False``, as torch, PaDiM and
-    PatchCore); the Gaussian is scipy's ``gaussian_filter`` (mirror borders, truncated at 4
-    sigma), the filter PaDiM and PatchCore apply.
+    Bilinear interpolation uses half-pixel centres (:func:`bilinear_resize`); the Gaussian is
+    scipy's ``gaussian_filter`` (mirror borders, truncated at 4 sigma), the filter PaDiM and
+    PatchCore apply.
     """
     maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim != 3:
@@ -44,12 +74,7 @@ def resize_maps(
     sigma_yx = (float(sigma), float(sigma)) if np.isscalar(sigma) else tuple(map(float, sigma))
     if len(sigma_yx) != 2 or min(sigma_yx) < 0:
         raise ValueError(f"sigma must be >= 0, one value or a (y, x) pair, got {sigma!r}")
-    if maps.shape[1:] == out_hw:
-        resized = maps.copy()
-    else:
-        resized = F.interpolate(
-            torch.from_numpy(maps)[:, None], size=out_hw, mode="bilinear", align_corners=False
-        )[:, 0].numpy()
+    resized = maps.copy() if maps.shape[1:] == out_hw else bilinear_resize(maps, out_hw)
     if max(sigma_yx) > 0:
         resized = gaussian_filter(resized, sigma=(0.0, *sigma_yx), mode="reflect", truncate=4.0)
     return resized
