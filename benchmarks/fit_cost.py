@@ -21,21 +21,17 @@ its configured threads, it measures:
   fraction of this machine's float32 matmul limit, measured in the same run with
   benchmarks/matmul_limit.py (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset in a subprocess).
 
-It then projects the default grid. Per (category, seed, detector) cell the fits are: one per
-pollution ratio (robustness curve, test scored); one self-score at the refined pollution ratio
-(SROC, reusing that ratio's fit); ``n_folds`` fits on (1 - 1/n_folds) N scoring N/n_folds
-(cross-validation); ``n_folds`` fits on N/n_folds scoring all N (STOC); one oracle fit on the
-non-polluted images; for every refinement ratio r > 0 and every ranked strategy (all but the oracle
-and sroc_auto) one fit on round((1 - r) N) images scored on the test set; the refiner's and the
-consensus members' own fits and self-scores; and for the strategies beyond the paper their own fits
-(sroc_loo and, for PatchCore only, patch_sroc: one leave-one-out model, and patch_sroc's refits,
-which keep N images less r of the patches, are sized as round((1 - r) N) images; iterative_sroc: one
-fit and self-score per step; sroc_auto: a leave-one-out model, then a refit, sized as at r = p). A
-fit or scoring of another size than the measured one is scaled by its FLOP count. Test sets get maps
-only when the dataset has masks. Every job (one ``rank`` and one ``refine`` per ratio r > 0 per
-cell) adds a measured overhead: a fresh Python, the imports and the feature load. Jobs run in
-parallel on ``--cores``: the grid's wall time is the sum of seconds x threads over the cores. The
-last line is ``default_grid_minutes: <x>``.
+It then projects the default grid. Per (category, seed, detector) cell: one fit and test scoring
+per pollution ratio (the robustness curve); then each configured strategy's own work, as its entry
+in sroc.strategies prices it (``cost``: its fits and scorings, e.g. n_folds fits on (1 - 1/n_folds)
+N scoring N/n_folds for cross-validation, the refiner's and consensus members' own fits and
+self-scores, the single-run strategies' refits); and for every refinement ratio r > 0 one refit
+on the kept images and a test scoring per strategy with a ratio curve. A fit or scoring of another
+size than the measured one is scaled by its FLOP count (the detector class's ``fit_flops`` and
+``score_flops``). Test sets get maps only when the dataset has masks. Every job (one ``rank`` and
+one ``refine`` per ratio r > 0 per cell) adds a measured overhead: a fresh Python, the imports and
+the feature load. Jobs run in parallel on ``--cores``: the grid's wall time is the sum of seconds x
+threads over the cores. The last line is ``default_grid_minutes: <x>``.
 
 The machine is shared: times are noisy, ratios are measured within one run.
 
@@ -57,9 +53,17 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from sroc.detectors import make_detector
-from sroc.grid import RANKED_STRATEGIES, refinement_settings, strategies_for
-from sroc.splits import make_split, n_injected, round_half_up, test_set, training_set
+from sroc import strategies
+from sroc.config import (
+    DetectorSpec,
+    consensus_specs,
+    detector_specs,
+    load_config_plugins,
+    refinement_settings,
+    refiner_spec,
+    validate_config,
+)
+from sroc.splits import make_split, n_injected, test_set, training_set
 
 # The sibling module, also when this file is loaded by path rather than run as a script.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,37 +77,12 @@ QUICK_SHAPES = {"blocks.2": (48, 16, 16), "blocks.4": (120, 8, 8), "blocks.5": (
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass(frozen=True)
-class DetectorSpec:
-    name: str
-    type: str
-    params: dict
-    threads: int
-
-
-def detector_specs(config: dict) -> list[DetectorSpec]:
-    """The config's ``detectors:`` list of {name, type, params, threads}."""
-    return [
-        DetectorSpec(
-            str(entry["name"]),
-            str(entry.get("type", entry["name"])),
-            dict(entry.get("params") or {}),
-            int(entry.get("threads", 1)),
-        )
-        for entry in config.get("detectors") or []
-    ]
-
-
-# --------------------------------------------------------------------------------------------
 # Measurements
 
 
 @dataclass
-class Cell:
-    """One category's training set (at the refined pollution ratio) and test set."""
+class MeasuredCell:
+    """One category's training set (at the refined pollution ratio) and test set, measured."""
 
     category: str
     train: dict
@@ -148,16 +127,14 @@ def _score(detector, features, maps: bool):
         return detector.score(features), False
 
 
-def measure(spec: DetectorSpec, cell: Cell, random_state: int, repeats: int = 1):
+def measure(spec: DetectorSpec, cell: MeasuredCell, repeats: int = 1):
     """The :class:`Cost` of ``spec`` on ``cell``, and the detector fitted on its training set.
     Fit and image-only scoring take the best of ``repeats`` runs: a grid job fits and scores
     several times in one process, so its first, cold call (page faults, library set-up) is the
     exception there."""
 
     def build(**extra):
-        return make_detector(
-            spec.type, **spec.params, **extra, n_jobs=spec.threads, random_state=random_state
-        )
+        return spec.factory(**extra)()
 
     shapes = {s: a.shape[1:] for s, a in cell.train.items()}
     n_train, n_test = len(next(iter(cell.train.values()))), len(next(iter(cell.test.values())))
@@ -175,7 +152,7 @@ def measure(spec: DetectorSpec, cell: Cell, random_state: int, repeats: int = 1)
     image_maps = not supported or maps is not None
     # Refinement scores the training set leave-one-out where the detector offers it.
     self_detector = detector
-    if "exclude_self" in type(detector)._get_param_names():
+    if type(detector).supports_exclude_self:
         self_detector = build(exclude_self=True).fit(cell.train)
     self_s, _ = _timed(lambda: _score(self_detector, cell.train, False))
     cost = Cost(
@@ -193,7 +170,7 @@ def measure(spec: DetectorSpec, cell: Cell, random_state: int, repeats: int = 1)
     return cost, detector
 
 
-def job_overhead_seconds(cell: Cell, repeats: int = 2) -> float:
+def job_overhead_seconds(cell: MeasuredCell, repeats: int = 2) -> float:
     """Wall time of a fresh Python that imports what a detector job imports and loads the
     cell's training features (imports only in quick mode, which has no cache)."""
     load = ""
@@ -215,7 +192,7 @@ def job_overhead_seconds(cell: Cell, repeats: int = 2) -> float:
 # Cells
 
 
-def _cell_from_cache(cache: Path, config: dict) -> Cell:
+def _cell_from_cache(cache: Path, config: dict) -> MeasuredCell:
     from sroc.feature_cache import load_features, read_cache_index
 
     pollution = config.get("pollution") or {}
@@ -232,7 +209,7 @@ def _cell_from_cache(cache: Path, config: dict) -> Cell:
     train_ids, test_ids = train["image_id"].tolist(), test["image_id"].tolist()
     features, _ = load_features(cache, train_ids + test_ids)
     n = len(train_ids)
-    return Cell(
+    return MeasuredCell(
         category=str(index["category"].iloc[0]),
         train={s: a[:n] for s, a in features.items()},
         test={s: a[n:] for s, a in features.items()},
@@ -243,7 +220,7 @@ def _cell_from_cache(cache: Path, config: dict) -> Cell:
     )
 
 
-def _quick_cell(config: dict) -> Cell:
+def _quick_cell(config: dict) -> MeasuredCell:
     rng = np.random.default_rng(0)
     n_train, n_test = 40, 10
 
@@ -251,7 +228,9 @@ def _quick_cell(config: dict) -> Cell:
         return {s: rng.random((n, *chw), dtype=np.float32) for s, chw in QUICK_SHAPES.items()}
 
     ratio = refinement_settings(config)["pollution_ratio"]
-    return Cell("random", features(n_train), features(n_test), n_injected(n_train, ratio), True)
+    return MeasuredCell(
+        "random", features(n_train), features(n_test), n_injected(n_train, ratio), True
+    )
 
 
 def _results_caches(results: Path, config: dict) -> list[Path]:
@@ -287,60 +266,61 @@ def _built_caches(args, config: dict) -> list[Path]:
 # Grid projection
 
 
-def cell_seconds(
-    spec, detector, cost: Cost, cell: Cell, config: dict, others: dict[str, list[Cost]]
-):
-    """Seconds of one (category, seed, detector) cell of the grid, and its number of jobs.
-    ``others`` holds the costs of the detectors that rank for another: the refiner
-    (``by_refiner``) and the consensus members (``consensus``)."""
-    refinement = refinement_settings(config)
-    strategies = set(strategies_for(spec.type, refinement["strategies"]))
-    folds = int(refinement["n_folds"])
-    shapes = {s: a.shape[1:] for s, a in cell.train.items()}
-    n = len(next(iter(cell.train.values())))
-    n_test = len(next(iter(cell.test.values())))
-    test_maps = cell.has_masks
-    measured_test_s = cost.score_maps_s if test_maps else cost.score_image_s
+@dataclass
+class MeasuredCost:
+    """The :class:`sroc.strategies.CellCost` of one detector on one cell: a fit or scoring of
+    another size than the measured one is scaled by its FLOP count; ``others`` holds the measured
+    costs of the detectors that rank for another (the refiner, the consensus members), by
+    spec name."""
 
-    def fit(n_fit):
-        return cost.fit_s * detector.fit_flops(shapes, n_fit) / cost.fit_flops
+    detector: object
+    cost: Cost
+    cell: MeasuredCell
+    settings: dict
+    refiner: DetectorSpec
+    consensus: list[DetectorSpec]
+    others: dict[str, Cost]
 
-    def score(n_fit, n_score, maps):
-        base_s = cost.score_maps_s if maps else cost.score_image_s
-        base_flops = cost.score_maps_flops if maps else cost.score_image_flops
-        ran_maps = maps or cost.image_only_computes_maps
-        flops = detector.score_flops(shapes, n_fit, n_score, ran_maps)
+    def __post_init__(self):
+        self.shapes = {s: a.shape[1:] for s, a in self.cell.train.items()}
+        self.n = len(next(iter(self.cell.train.values())))
+        self.n_test = len(next(iter(self.cell.test.values())))
+        self.n_polluted = self.cell.n_polluted
+
+    def fit(self, n_fit: float) -> float:
+        return self.cost.fit_s * self.detector.fit_flops(self.shapes, n_fit) / self.cost.fit_flops
+
+    def score(self, n_fit: float, n_score: float, maps: bool = False) -> float:
+        base_s = self.cost.score_maps_s if maps else self.cost.score_image_s
+        base_flops = self.cost.score_maps_flops if maps else self.cost.score_image_flops
+        ran_maps = maps or self.cost.image_only_computes_maps
+        flops = self.detector.score_flops(self.shapes, n_fit, n_score, ran_maps)
         return base_s * flops / base_flops
 
-    def test_run(n_fit):
-        return fit(n_fit) + score(n_fit, n_test, test_maps)
+    def self_score(self) -> float:
+        return self.cost.self_s
 
+    def test_run(self, n_fit: float) -> float:
+        return self.fit(n_fit) + self.score(n_fit, self.n_test, self.cell.has_masks)
+
+    def ranking_by(self, spec: DetectorSpec) -> float:
+        other = self.others[spec.name]
+        return other.fit_s + other.self_s
+
+
+def cell_seconds(spec: DetectorSpec, model: MeasuredCost, config: dict) -> tuple[float, int]:
+    """Seconds of one (category, seed, detector) cell of the grid, and its number of jobs: the
+    robustness curve, then every strategy's own work and refits (sroc.strategies)."""
+    refinement = refinement_settings(config)
+    chosen = strategies.strategies_for(spec.type, refinement["strategies"])
+    cost = model.cost
+    measured_test_s = cost.score_maps_s if model.cell.has_masks else cost.score_image_s
     ratios = list((config.get("pollution") or {}).get("ratios", [0.0, 0.05, 0.1, 0.15, 0.2]))
     seconds = len(ratios) * (cost.fit_s + measured_test_s)
-    if "sroc" in strategies:
-        seconds += cost.self_s
-    if "cross_validation" in strategies:
-        seconds += folds * (fit(n - n / folds) + score(n - n / folds, n / folds, False))
-    if "stoc" in strategies:
-        seconds += folds * (fit(n / folds) + score(n / folds, n, False))
-    if "oracle" in strategies:
-        seconds += test_run(n - cell.n_polluted)
-    if "sroc_loo" in strategies:
-        seconds += cost.fit_s + cost.self_s
-    if "patch_sroc" in strategies:  # PatchCore only: a leave-one-image-out model and its maps
-        seconds += cost.fit_s + cost.self_s
-    if "sroc_auto" in strategies:  # a leave-one-out ranking, then a refit, sized here as at p
-        seconds += cost.fit_s + cost.self_s + test_run(n - cell.n_polluted)
-    if "iterative_sroc" in strategies:  # at most one fit and self-score per step
-        seconds += int(refinement["iterative_steps"]) * (cost.fit_s + cost.self_s)
+    seconds += strategies.rank_job_cost(chosen, model)
     refined = [r for r in refinement["ratios"] if r > 0]
     for ratio in refined:
-        seconds += len(strategies & set(RANKED_STRATEGIES)) * test_run(
-            round_half_up((1 - ratio) * n)
-        )
-    for other in ("by_refiner", "consensus"):
-        if other in strategies:
-            seconds += sum(member.fit_s + member.self_s for member in others[other])
+        seconds += strategies.refine_job_cost(chosen, model, ratio)
     return seconds, 1 + len(refined)
 
 
@@ -358,9 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
+    load_config_plugins(config)
+    validate_config(config)
     specs = detector_specs(config)
     refinement = refinement_settings(config)
-    random_state = int(config.get("random_state", 0))
     seeds = (config.get("pollution") or {}).get("seeds", DEFAULT_SEEDS)
     categories = (config.get("dataset") or {}).get("categories", [])
 
@@ -377,22 +358,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{os.cpu_count()} CPUs (a shared machine: times are noisy)"
     )
     limits = {
-        t: measure_limit(t, repeats=2 if args.quick else 5) for t in {s.threads for s in specs}
+        t: measure_limit(t, repeats=2 if args.quick else 5) for t in {s.n_jobs for s in specs}
     }
     for threads, limit in sorted(limits.items()):
         print(f"matmul limit on {threads} thread(s): {limit.describe()}")
 
-    other_specs = {
-        "by_refiner": [
-            DetectorSpec(
-                "refiner", refinement["refiner"], dict(refinement["refiner_params"] or {}), 1
-            )
-        ],
-        "consensus": [
-            DetectorSpec(m, m, dict(refinement["consensus_params"].get(m) or {}), 1)
-            for m in refinement["consensus"]
-        ],
-    }
+    # The detectors that rank for another: the refiner and the consensus members.
+    others = [refiner_spec(config), *consensus_specs(config)]
     cell_totals = {}
     for cell in cells:
         n_train = len(next(iter(cell.train.values())))
@@ -403,24 +375,23 @@ def main(argv: list[str] | None = None) -> None:
         )
         overhead = job_overhead_seconds(cell, 1 if args.quick else 2)
         print(f"per-job overhead (python, imports, feature load): {overhead:.2f} s")
-        others = {
-            strategy: [measure(other, cell, random_state)[0] for other in other_specs[strategy]]
-            for strategy in other_specs
-            if strategy in refinement["strategies"]
-        }
+        other_costs = {other.name: measure(other, cell)[0] for other in others}
         cell_totals[cell.category] = 0.0
         rows = []
         for spec in specs:
             try:
-                cost, detector = measure(spec, cell, random_state, args.repeats)
+                cost, detector = measure(spec, cell, args.repeats)
             except (TypeError, ValueError) as error:
                 if args.quick:  # quick mode checks that every detector still runs
                     raise
                 print(f"{spec.name}: not measured ({error}); left out of the projection")
                 continue
-            limit = limits[spec.threads].gflops
-            seconds, jobs = cell_seconds(spec, detector, cost, cell, config, others)
-            job_seconds = (seconds + jobs * overhead) * spec.threads
+            limit = limits[spec.n_jobs].gflops
+            model = MeasuredCost(
+                detector, cost, cell, refinement, others[0], others[1:], other_costs
+            )
+            seconds, jobs = cell_seconds(spec, model, config)
+            job_seconds = (seconds + jobs * overhead) * spec.n_jobs
             cell_totals[cell.category] += job_seconds
             rows.append(
                 {

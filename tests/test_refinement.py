@@ -520,7 +520,7 @@ def test_errors_name_the_problem(polluted):
 
 
 class StubCell:
-    """What sroc.grid reads of a cell: one fixed training set (whatever the pollution ratio),
+    """What sroc.experiment reads of a cell: one fixed training set (whatever the pollution ratio),
     its features by id, and a test set."""
 
     def __init__(self, features, ids, polluted_ids, test_features):
@@ -544,15 +544,16 @@ class ImageLevelEvaluation:
 
 
 def test_patch_sroc_grid_refits_without_the_top_patches(polluted, tmp_path):
-    from sroc import grid
+    from sroc import experiment
+    from sroc.config import DetectorSpec
     from sroc.runs import read_rankings, write_scores
 
     features, ids, polluted_ids = polluted
     test_features = polluted_features(seed=4, n=4)[0]
     cell = StubCell(features, ids, polluted_ids, test_features)
-    spec = grid.DetectorSpec("patchcore", {"index": "flat"})
-    _, rankings = grid.unrefined_runs_and_rankings(
-        cell, spec, spec, ImageLevelEvaluation(), [0.2], 0.2, ["patch_sroc"], 5, 0
+    spec = DetectorSpec("patchcore", {"index": "flat"})
+    _, rankings = experiment.unrefined_runs_and_rankings(
+        cell, spec, ImageLevelEvaluation(), [0.2], 0.2, ["patch_sroc"], rng_seed=0
     )
     path = tmp_path / "ranked.h5"
     write_scores(path, {}, rankings=rankings)
@@ -563,7 +564,7 @@ def test_patch_sroc_grid_refits_without_the_top_patches(polluted, tmp_path):
         stored.patch_scores, reference_loio_patch_scores(features), rtol=1e-5, atol=1e-5
     )
     ratio = 0.1
-    (run,) = grid.refined_runs(cell, spec, ImageLevelEvaluation(), {"patch_sroc": stored}, ratio)
+    (run,) = experiment.refined_runs(cell, spec, ImageLevelEvaluation(), {"patch_sroc": stored}, ratio)
     count = int((Decimal(str(ratio)) * N_TRAIN * 64).quantize(Decimal(1), rounding=ROUND_HALF_UP))
     top = reference_top_patches(stored.patch_scores, ids, count)
     rows = np.array([image * 64 + location for image, location in top])
@@ -577,15 +578,17 @@ def test_patch_sroc_grid_refits_without_the_top_patches(polluted, tmp_path):
 
 
 def test_patch_sroc_runs_for_patchcore_only(polluted):
-    from sroc import grid
+    from sroc import experiment
+    from sroc.config import DetectorSpec
+    from sroc.strategies import strategies_for
 
     strategies = ["sroc", "patch_sroc", "oracle"]
-    assert grid.strategies_for("patchcore", strategies) == strategies
-    assert grid.strategies_for("knn", strategies) == ["sroc", "oracle"]
+    assert strategies_for("patchcore", strategies) == strategies
+    assert strategies_for("knn", strategies) == ["sroc", "oracle"]
     features, ids, polluted_ids = polluted
     cell = StubCell(features, ids, polluted_ids, polluted_features(seed=4, n=4)[0])
-    spec = grid.DetectorSpec("knn", {"n_neighbors": 3})
-    with pytest.raises(ValueError, match="'patch_sroc'.*'knn'.*strategies_for"):
-        grid.unrefined_runs_and_rankings(
-            cell, spec, spec, ImageLevelEvaluation(), [0.2], 0.2, ["patch_sroc"], 5, 0
+    spec = DetectorSpec("knn", {"n_neighbors": 3})
+    with pytest.raises(ValueError, match="'patch_sroc'.*patch_bank.*'knn'.*strategies_for"):
+        experiment.unrefined_runs_and_rankings(
+            cell, spec, ImageLevelEvaluation(), [0.2], 0.2, ["patch_sroc"], rng_seed=0
         )

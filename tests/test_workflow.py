@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from sroc.grid import SINGLE_RUN_STRATEGIES, strategies_for
+from sroc.strategies import is_single_run, strategies_for
 
 REPO = Path(__file__).resolve().parents[1]
 MVTEC_CATEGORIES = [
@@ -163,10 +163,10 @@ def grid_size(config: dict) -> int:
     refinement = config["refinement"]
     rows = 0
     for detector in config["detectors"]:
-        # patch_sroc runs for PatchCore detectors only.
+        # patch_sroc runs for detectors with a patch memory bank only.
         strategies = strategies_for(detector["type"], refinement["strategies"])
-        ranked = [s for s in strategies if s not in SINGLE_RUN_STRATEGIES]
-        single = len(set(strategies) & set(SINGLE_RUN_STRATEGIES))
+        ranked = [s for s in strategies if not is_single_run(s)]
+        single = len(strategies) - len(ranked)
         rows += (
             len(config["pollution"]["ratios"]) + single + len(ranked) * len(refinement["ratios"])
         )
