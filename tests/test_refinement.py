@@ -564,7 +564,9 @@ def test_patch_sroc_grid_refits_without_the_top_patches(polluted, tmp_path):
         stored.patch_scores, reference_loio_patch_scores(features), rtol=1e-5, atol=1e-5
     )
     ratio = 0.1
-    (run,) = experiment.refined_runs(cell, spec, ImageLevelEvaluation(), {"patch_sroc": stored}, ratio)
+    (run,) = experiment.refined_runs(
+        cell, spec, ImageLevelEvaluation(), {"patch_sroc": stored}, ratio
+    )
     count = int((Decimal(str(ratio)) * N_TRAIN * 64).quantize(Decimal(1), rounding=ROUND_HALF_UP))
     top = reference_top_patches(stored.patch_scores, ids, count)
     rows = np.array([image * 64 + location for image, location in top])
