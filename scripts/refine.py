@@ -1,14 +1,12 @@
-"""Rule refine: at one refinement ratio, refit on what every ranking keeps and score the test
-set, for one (detector, category, seed)."""
+"""Rule refine: at one refinement ratio, refit on what every ranking keeps (ranking first for the
+strategies that rank per ratio) and score the test set, for one (detector, category, seed)."""
 
 from sroc import experiment, runs
-from sroc.config import DetectorSpec
 from sroc.logs import rule_logging
 from sroc.plugins import load_plugins
 
 with rule_logging(snakemake.log[0]) as log:
     load_plugins(snakemake.params.plugins)
-    detector = DetectorSpec(**snakemake.params.detector, n_jobs=snakemake.threads)
     job = experiment.CellJob.load(
         snakemake.input.manifest,
         snakemake.input.info,
@@ -16,13 +14,19 @@ with rule_logging(snakemake.log[0]) as log:
         snakemake.params.evaluation,
         snakemake.params.input_size,
     )
-    refitted, rows = [], []
+    setup = experiment.RefinementSetup.from_params(
+        snakemake.params.setup, snakemake.threads, snakemake.wildcards.category, job.info["seed"]
+    )
+    ratio = snakemake.params.ratio
+    refitted, rows, own = [], [], []
     if job.cell is not None:
+        own = experiment.per_ratio_rankings(job.cell, setup, snakemake.params.strategies, ratio)
         rankings = runs.read_rankings(snakemake.input.ranked)
+        rankings.update({ranking.strategy: ranking for ranking in own})
         refitted = experiment.refined_runs(
-            job.cell, detector, job.evaluation, rankings, snakemake.params.ratio
+            job.cell, setup.detector, job.evaluation, rankings, ratio
         )
         rows = experiment.result_rows(refitted, job.evaluation)
     name = snakemake.wildcards.detector
-    runs.write_scores(snakemake.output.scores, job.attrs(name, detector), refitted)
-    job.write_rows(snakemake.output.metrics, rows, name, detector)
+    runs.write_scores(snakemake.output.scores, job.attrs(name, setup.detector), refitted, own)
+    job.write_rows(snakemake.output.metrics, rows, name, setup.detector)

@@ -23,7 +23,7 @@ import logging
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,64 @@ from sroc.io import atomic_path
 from sroc.runs import Run, StoredRanking
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefinementSetup:
+    """What the strategies of a cell read besides its features: the detector, the refiner and
+    consensus members, the refinement settings they declared, their own parameters, the seed of
+    random removal and folds, and the pollution ratio whose training set is refined."""
+
+    detector: DetectorSpec
+    pollution_ratio: float
+    rng_seed: int
+    refiner: DetectorSpec | None = None
+    consensus: Sequence[DetectorSpec] = ()
+    settings: Mapping = field(default_factory=dict)
+    strategy_params: Mapping[str, Mapping] = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, params: Mapping, threads: int, category: str, seed: int):
+        """The setup a rule passes as ``params.setup`` (workflow/rules/common.smk,
+        ``refinement_setup``), its detectors on the job's ``threads``."""
+
+        def spec(entry):
+            return None if entry is None else DetectorSpec(**entry, n_jobs=threads)
+
+        return cls(
+            detector=spec(params["detector"]),
+            pollution_ratio=float(params["pollution_ratio"]),
+            rng_seed=strategy_seed(category, seed),
+            refiner=spec(params.get("refiner")),
+            consensus=tuple(spec(member) for member in params.get("consensus") or ()),
+            settings=dict(params.get("settings") or {}),
+            strategy_params=dict(params.get("strategy_params") or {}),
+        )
+
+    def inputs(self, cell: Cell) -> strategies.RankingInputs:
+        """The :class:`sroc.strategies.RankingInputs` on the cell's polluted training set, for
+        any strategy (see :meth:`for_strategy`; ``fitted`` is left to the caller)."""
+        train = cell.training_set(self.pollution_ratio)
+        ids = train["image_id"].to_numpy(dtype=str)
+        return strategies.RankingInputs(
+            features=cell.features_of(ids),
+            image_ids=ids,
+            polluted=train["polluted"].to_numpy(dtype=bool),
+            detector=self.detector,
+            fitted=None,
+            refiner=self.refiner,
+            consensus=tuple(self.consensus),
+            settings=dict(self.settings),
+            params={},
+            rng_seed=self.rng_seed,
+        )
+
+    def for_strategy(
+        self, inputs: strategies.RankingInputs, strategy: strategies.Strategy
+    ) -> strategies.RankingInputs:
+        """``inputs`` with ``strategy``'s own parameters: its defaults, then the config's."""
+        own = self.strategy_params.get(strategy.name) or {}
+        return replace(inputs, params={**strategy.params, **own})
 
 
 def strategy_seed(category: str, seed: int) -> int:
@@ -104,30 +162,26 @@ def _run(strategy, refiner, pollution_ratio, refinement_ratio, train, removed, c
 
 def unrefined_runs_and_rankings(
     cell: Cell,
-    detector: DetectorSpec,
+    setup: RefinementSetup,
     evaluation: TestEvaluation,
     pollution_ratios: Sequence[float],
-    refined_ratio: float,
     strategy_names: Sequence[str],
-    rng_seed: int,
-    refiner: DetectorSpec | None = None,
-    consensus: Sequence[DetectorSpec] = (),
-    settings: Mapping | None = None,
-    strategy_params: Mapping[str, Mapping] | None = None,
-) -> tuple[list[Run], list[StoredRanking]]:
-    """The robustness curve, the rankings of the polluted training set at ``refined_ratio`` and
-    the single-run strategies' runs (see the module docstring). ``refiner``, ``consensus``,
-    ``settings`` (the refinement keys the strategies read) and ``strategy_params`` (each
-    strategy's own parameters) serve the strategies that declare them
-    (:mod:`sroc.strategies`)."""
+) -> tuple[list[Run], list[StoredRanking], list[tuple[str, str]]]:
+    """The robustness curve, the rankings of the polluted training set at
+    ``setup.pollution_ratio`` and the single-run strategies' runs (see the module docstring).
+
+    Returns the runs, the rankings, and (strategy, refiner) of every strategy with a ratio curve,
+    whose r = 0 row is the unrefined model (:func:`result_rows`).
+    """
     chosen = [strategies.get(name) for name in strategy_names]
     for strategy in chosen:
-        strategy.check_applies_to(detector.type)
-    factory = detector.factory()
+        strategy.check_applies_to(setup.detector.type)
+    factory = setup.detector.factory()
+    refined_ratio = float(setup.pollution_ratio)
     runs, scorer = [], None
     ratios = set(map(float, pollution_ratios))
     if chosen:
-        ratios.add(float(refined_ratio))
+        ratios.add(refined_ratio)
     for ratio in sorted(ratios):
         train = cell.training_set(ratio)
         fit = _fit_and_score(factory, cell.features_of(train["image_id"]), cell, evaluation)
@@ -137,53 +191,68 @@ def unrefined_runs_and_rankings(
             "%.2f s",
             ratio, len(train), int(train["polluted"].sum()), fit[3], len(cell.test), fit[4],
         )  # fmt: skip
-        if ratio == float(refined_ratio):
+        if ratio == refined_ratio:
             scorer = fit[0]
 
     train = cell.training_set(refined_ratio)
-    ids = train["image_id"].to_numpy(dtype=str)
-    features = cell.features_of(ids)
-    rankings = []
+    shared = replace(setup.inputs(cell), fitted=scorer)
+    rankings, curves = [], []
     for strategy in chosen:
-        inputs = strategies.RankingInputs(
-            features=features,
-            image_ids=ids,
-            polluted=train["polluted"].to_numpy(dtype=bool),
-            detector=detector,
-            fitted=scorer,
-            refiner=refiner,
-            consensus=tuple(consensus),
-            settings=dict(settings or {}),
-            params={**strategy.params, **((strategy_params or {}).get(strategy.name) or {})},
-            rng_seed=rng_seed,
-        )
+        inputs = setup.for_strategy(shared, strategy)
+        if strategy.has_ratio_curve:
+            curves.append((strategy.name, strategy.ranked_by(inputs)))
         if strategy.kind == "single_run":
             runs.append(_single_run(strategy, inputs, cell, evaluation, train, refined_ratio))
-            continue
-        start = time.perf_counter()
-        ranking = strategy.function(inputs)
-        log.info(
-            "ranking %s: %d fits in %.2f s",
-            strategy.name, ranking.n_fits, time.perf_counter() - start,
-        )  # fmt: skip
-        rankings.append(
-            StoredRanking(
-                strategy=strategy.name,
-                refiner=strategy.ranked_by(inputs),
-                image_ids=ids,
-                scores=ranking.scores,
-                order=ranking.order,
-                polluted=inputs.polluted,
-                attrs={
-                    "pollution_ratio": float(refined_ratio),
-                    "n_fits": ranking.n_fits,
-                    "fit_seconds": ranking.fit_seconds,
-                    "score_seconds": ranking.score_seconds,
-                },
-                patch_scores=ranking.patch_scores,
-            )
-        )
-    return runs, rankings
+        elif strategy.kind != "ranked_per_ratio":  # those rank in each ratio's refine job
+            rankings.append(_stored_ranking(strategy, inputs, refined_ratio))
+    return runs, rankings, curves
+
+
+def _stored_ranking(
+    strategy: strategies.Strategy,
+    inputs: strategies.RankingInputs,
+    pollution_ratio: float,
+    *target_ratio: float,
+) -> StoredRanking:
+    """Run ``strategy``'s ranking (at ``target_ratio`` for a per-ratio strategy) and keep it."""
+    start = time.perf_counter()
+    ranking = strategy.function(inputs, *target_ratio)
+    log.info(
+        "ranking %s: %d fits in %.2f s", strategy.name, ranking.n_fits, time.perf_counter() - start
+    )
+    return StoredRanking(
+        strategy=strategy.name,
+        refiner=strategy.ranked_by(inputs),
+        image_ids=inputs.image_ids,
+        scores=ranking.scores,
+        order=ranking.order,
+        polluted=inputs.polluted,
+        attrs={
+            "pollution_ratio": float(pollution_ratio),
+            "n_fits": ranking.n_fits,
+            "fit_seconds": ranking.fit_seconds,
+            "score_seconds": ranking.score_seconds,
+        },
+        patch_scores=ranking.patch_scores,
+    )
+
+
+def per_ratio_rankings(
+    cell: Cell, setup: RefinementSetup, strategy_names: Sequence[str], ratio: float
+) -> list[StoredRanking]:
+    """The rankings of the per-ratio strategies among ``strategy_names`` (kind
+    ``ranked_per_ratio``), each computed for refinement ratio ``ratio``."""
+    chosen = [strategies.get(name) for name in strategy_names]
+    chosen = [strategy for strategy in chosen if strategy.kind == "ranked_per_ratio"]
+    if not chosen:
+        return []
+    shared = setup.inputs(cell)
+    rankings = []
+    for strategy in chosen:
+        strategy.check_applies_to(setup.detector.type)
+        inputs = setup.for_strategy(shared, strategy)
+        rankings.append(_stored_ranking(strategy, inputs, setup.pollution_ratio, ratio))
+    return rankings
 
 
 def _single_run(
@@ -257,26 +326,24 @@ def refined_runs(
 def result_rows(
     runs: Sequence[Run],
     evaluation: TestEvaluation,
-    rankings: Sequence[StoredRanking] = (),
+    curves: Sequence[tuple[str, str]] = (),
+    pollution_ratio: float | None = None,
 ) -> list[dict]:
     """The rows of the results table for ``runs``, with their test metrics.
 
-    With ``rankings``, each ranked strategy also gets its r = 0 row: nothing is removed, so it is
-    the unrefined model at the refined pollution ratio, stored once as that ratio's ``none`` run.
+    Each (strategy, refiner) of ``curves`` also gets its r = 0 row: nothing is removed, so it is
+    the unrefined model at the refined ``pollution_ratio``, stored once as that ratio's ``none``
+    run.
     """
     rows = []
     for run in runs:
         rows.append({**run.record(), **evaluation.metrics(run.scores, run.maps)})
-    for ranking in rankings:
-        pollution_ratio = float(ranking.attrs["pollution_ratio"])
+    for strategy, refiner in curves:
         (base,) = [
             row for row in rows
-            if row["strategy"] == "none" and row["pollution_ratio"] == pollution_ratio
+            if row["strategy"] == "none" and row["pollution_ratio"] == float(pollution_ratio)
         ]  # fmt: skip
-        rows.append(
-            {**base, "strategy": ranking.strategy, "refiner": ranking.refiner,
-             "run": f"{ranking.strategy}/r=0"}
-        )  # fmt: skip
+        rows.append({**base, "strategy": strategy, "refiner": refiner, "run": f"{strategy}/r=0"})
     return rows
 
 

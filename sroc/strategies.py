@@ -322,12 +322,13 @@ def _patch_sroc(inputs: RankingInputs) -> refinement.Ranking:
     )
 
 
-def _iterative_sroc(inputs: RankingInputs) -> refinement.Ranking:
+def _iterative_sroc(inputs: RankingInputs, ratio: float) -> refinement.Ranking:
+    # The target is the refinement ratio itself: the true pollution ratio is unknown to a user.
     return refinement.iterative_sroc_ranking(
         inputs.features,
         inputs.image_ids,
         inputs.detector.factory(),
-        inputs.settings["pollution_ratio"],
+        ratio,
         inputs.settings["iterative_steps"],
     )
 
@@ -437,6 +438,7 @@ register(
         function=_by_refiner,
         cost=lambda m: m.ranking_by(m.refiner),
         ranked_by=lambda inputs: inputs.refiner.type,
+        settings=("refiner", "refiner_params"),
         uses_refiner=True,
         report_outputs=("table4_refiner", "refiner_curves"),
         in_paper=True,
@@ -457,10 +459,11 @@ register(
     Strategy(
         name="iterative_sroc",
         label="iterative SROC",
-        kind="ranked",
+        kind="ranked_per_ratio",
         function=_iterative_sroc,
+        # At most one fit and self-score per step, for every refinement ratio.
         cost=lambda m: int(m.settings["iterative_steps"]) * (m.fit(m.n) + m.self_score()),
-        settings=("iterative_steps", "pollution_ratio"),
+        settings=("iterative_steps",),
     )
 )
 register(
@@ -471,7 +474,7 @@ register(
         function=_consensus,
         cost=lambda m: sum(m.ranking_by(member) for member in m.consensus),
         ranked_by=lambda inputs: "+".join(member.type for member in _consensus_members(inputs)),
-        settings=("consensus",),
+        settings=("consensus", "consensus_params"),
     )
 )
 register(

@@ -552,8 +552,9 @@ def test_patch_sroc_grid_refits_without_the_top_patches(polluted, tmp_path):
     test_features = polluted_features(seed=4, n=4)[0]
     cell = StubCell(features, ids, polluted_ids, test_features)
     spec = DetectorSpec("patchcore", {"index": "flat"})
-    _, rankings = experiment.unrefined_runs_and_rankings(
-        cell, spec, ImageLevelEvaluation(), [0.2], 0.2, ["patch_sroc"], rng_seed=0
+    setup = experiment.RefinementSetup(spec, pollution_ratio=0.2, rng_seed=0)
+    _, rankings, _ = experiment.unrefined_runs_and_rankings(
+        cell, setup, ImageLevelEvaluation(), [0.2], ["patch_sroc"]
     )
     path = tmp_path / "ranked.h5"
     write_scores(path, {}, rankings=rankings)
@@ -592,5 +593,9 @@ def test_patch_sroc_runs_for_patchcore_only(polluted):
     spec = DetectorSpec("knn", {"n_neighbors": 3})
     with pytest.raises(ValueError, match="'patch_sroc'.*patch_bank.*'knn'.*strategies_for"):
         experiment.unrefined_runs_and_rankings(
-            cell, spec, ImageLevelEvaluation(), [0.2], 0.2, ["patch_sroc"], rng_seed=0
+            cell,
+            experiment.RefinementSetup(spec, pollution_ratio=0.2, rng_seed=0),
+            ImageLevelEvaluation(),
+            [0.2],
+            ["patch_sroc"],
         )

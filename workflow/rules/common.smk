@@ -136,19 +136,32 @@ def detector_strategies(wildcards):
     )
 
 
-def strategy_settings(wildcards):
-    """The refinement keys that the job's strategies read: a change to another key (a new
-    refinement ratio, say) does not re-run the job."""
+def refinement_setup(wildcards, per_ratio=False):
+    """What the job's strategies read (sroc.experiment.RefinementSetup.from_params): only the
+    refinement keys they declare, so that a change to another key (a new refinement ratio, a
+    refiner no strategy of the job uses) does not re-run the job. ``per_ratio``: only the
+    strategies that rank in each ratio's refine job."""
     chosen = detector_strategies(wildcards)
-    return {key: REFINEMENT[key] for key in strategies.settings_read(chosen)}
-
-
-def own_strategy_params(wildcards):
-    """The own parameters of the job's strategies that have any."""
+    if per_ratio:
+        chosen = [s for s in chosen if strategies.get(s).kind == "ranked_per_ratio"]
+    read = strategies.settings_read(chosen)
     return {
-        name: sroc_config.strategy_params(config, name)
-        for name in detector_strategies(wildcards)
-        if strategies.get(name).params
+        "detector": detector_spec(wildcards.detector),
+        "pollution_ratio": REFINEMENT["pollution_ratio"],
+        "refiner": (
+            spec_params(sroc_config.refiner_spec(config)) if "refiner" in read else None
+        ),
+        "consensus": [
+            spec_params(spec)
+            for spec in sroc_config.consensus_specs(config)
+            if "consensus" in read
+        ],
+        "settings": {key: REFINEMENT[key] for key in read},
+        "strategy_params": {
+            name: sroc_config.strategy_params(config, name)
+            for name in chosen
+            if strategies.get(name).params
+        },
     }
 
 

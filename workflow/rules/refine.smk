@@ -21,14 +21,9 @@ rule rank:
         mem_mb=detector_mem_mb,
         runtime=detector_runtime,
     params:
-        detector=lambda wildcards: detector_spec(wildcards.detector),
-        refiner=spec_params(sroc_config.refiner_spec(config)),
+        setup=refinement_setup,
         pollution_ratios=RATIOS,
-        refined_ratio=REFINEMENT["pollution_ratio"],
         strategies=detector_strategies,
-        settings=strategy_settings,
-        strategy_params=own_strategy_params,
-        consensus=[spec_params(spec) for spec in sroc_config.consensus_specs(config)],
         plugins=PLUGINS,
         unrefined_rows=0.0 in REFINEMENT["ratios"],
         evaluation=EVALUATION,
@@ -55,7 +50,12 @@ rule refine:
         mem_mb=detector_mem_mb,
         runtime=detector_runtime,
     params:
-        detector=lambda wildcards: detector_spec(wildcards.detector),
+        setup=lambda wildcards: refinement_setup(wildcards, per_ratio=True),
+        strategies=lambda wildcards: [
+            s
+            for s in detector_strategies(wildcards)
+            if strategies.get(s).kind == "ranked_per_ratio"
+        ],
         ratio=lambda wildcards: float(wildcards.ratio),
         plugins=PLUGINS,
         evaluation=EVALUATION,
