@@ -229,6 +229,8 @@ def _stored_ranking(
         polluted=inputs.polluted,
         attrs={
             "pollution_ratio": float(pollution_ratio),
+            # The seed of the ranking's tie-break, which the refine jobs' patch removal reuses.
+            "tie_seed": int(inputs.rng_seed),
             "n_fits": ranking.n_fits,
             "fit_seconds": ranking.fit_seconds,
             "score_seconds": ranking.score_seconds,
@@ -300,7 +302,9 @@ def refined_runs(
                 f"at pollution {pollution_ratio:g}: rerun the ranking job"
             )
         if ranking.patch_scores is not None:
-            rows = refinement.removed_patches(ranking.patch_scores, ranking.image_ids, ratio)
+            rows = refinement.removed_patches(
+                ranking.patch_scores, ranking.image_ids, ratio, int(ranking.attrs["tie_seed"])
+            )
             touched = refinement.images_of_patches(rows, ranking.patch_scores.shape)
             removed = ranking.image_ids[touched]
             patch_factory = detector.factory(excluded_patches=rows)

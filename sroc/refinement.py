@@ -4,7 +4,9 @@ Every strategy returns a :class:`Ranking`: a score for each training image (high
 anomalous) and the order in which images are removed. One ranking serves every refinement
 ratio: removing a fraction r of N images removes the first ``n_removed(N, r)`` of the order,
 rounded like the pollution splits so that precision equals recall at r = p. Ties in scores are
-broken by image id ascending, so the removal order is deterministic.
+broken by :func:`tie_keys`: a seeded hash of each image's file name, which carries no label (the
+ids' folders say where an image comes from, ``train/good/`` or ``test/<defect>/``, and an order
+by id would favour the polluted images), so the removal order is deterministic and fair.
 
 Strategies (sections 3.2 and 4.5 of the SROC paper, and extensions):
 
@@ -29,13 +31,14 @@ set ``exclude_self``.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from sroc.detectors import BaseDetector, PatchCoreDetector
+from sroc.detectors import BaseDetector
 from sroc.splits import round_half_up
 
 DetectorFactory = Callable[[], BaseDetector]
@@ -100,17 +103,33 @@ def kept_positions(ranking: Ranking, ratio: float) -> np.ndarray:
     return np.sort(ranking.order[n_removed(len(ranking.order), ratio) :])
 
 
-def removal_order(scores: np.ndarray, image_ids: Sequence[str]) -> np.ndarray:
-    """Positions sorted by score descending, ties broken by image id ascending (int64)."""
+def tie_keys(image_ids: Sequence[str], tie_seed: int) -> np.ndarray:
+    """Two keys per image (N, 2) uint64 that order tied scores without any label: a hash, keyed
+    by ``tie_seed``, of the image's file name (the part after the last "/"), then of its whole
+    id. The folders of an id name its origin (``train/good/`` or ``test/<defect>/``): the first
+    key ignores them, so renaming them changes no order unless two tied images share a file
+    name; the second key, a pseudo-random order, decides only those."""
+    key = int(tie_seed).to_bytes(8, "little", signed=True)
+
+    def digest(text: str) -> int:
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8, key=key).digest())
+
+    ids = _check_ids(image_ids, None)
+    return np.array(
+        [(digest(str(i).rsplit("/", 1)[-1]), digest(str(i))) for i in ids], dtype=np.uint64
+    ).reshape(len(ids), 2)
+
+
+def removal_order(scores: np.ndarray, image_ids: Sequence[str], tie_seed: int = 0) -> np.ndarray:
+    """Positions sorted by score descending, ties broken by :func:`tie_keys` (int64)."""
     scores = np.asarray(scores, dtype=np.float64)
     ids = _check_ids(image_ids, len(scores))
     if not np.isfinite(scores).all():
         bad = ids[~np.isfinite(scores)]
         raise ValueError(f"scores must be finite; not finite for images {bad[:10].tolist()}")
-    id_rank = np.empty(len(ids), dtype=np.int64)
-    id_rank[np.argsort(ids, kind="stable")] = np.arange(len(ids))
+    keys = tie_keys(ids, tie_seed)
     # lexsort sorts by its last key first.
-    return np.lexsort((id_rank, -scores)).astype(np.int64)
+    return np.lexsort((keys[:, 1], keys[:, 0], -scores)).astype(np.int64)
 
 
 def fold_assignment(n_train: int, n_folds: int, rng_seed: int) -> np.ndarray:
@@ -131,47 +150,74 @@ def sroc_ranking(
     image_ids: Sequence[str],
     factory: DetectorFactory,
     fitted: BaseDetector | None = None,
+    tie_seed: int = 0,
 ) -> Ranking:
     """SROC (section 3.2): fit a detector on all N training images and score the same images.
 
-    ``fitted`` is a detector already fitted on exactly these ``features`` (e.g. the model of the
-    robustness curve at this pollution ratio); it is reused instead of fitting a new one.
+    ``fitted`` is a detector that ``factory`` makes, already fitted on exactly these
+    ``features`` (e.g. the model of the robustness curve at this pollution ratio); it is reused
+    instead of fitting a new one. Ties are broken with ``tie_seed`` (:func:`tie_keys`).
     """
-    n = len(_check_inputs(features, image_ids))
+    _check_inputs(features, image_ids)
     fit_seconds, n_fits = 0.0, 0
     if fitted is None:
         fitted, fit_seconds = _fit(factory, features)
         n_fits = 1
-    elif fitted.n_train_ != n:
-        raise ValueError(
-            f"the fitted detector was fitted on {fitted.n_train_} images, not on these {n}: "
-            "pass the detector fitted on this training set, or fitted=None"
-        )
+    else:
+        _check_reusable(fitted, factory(), features)
     scores, score_seconds = _score(fitted, features)
     return Ranking(
-        "sroc", scores, removal_order(scores, image_ids), n_fits, fit_seconds, score_seconds
+        "sroc",
+        scores,
+        removal_order(scores, image_ids, tie_seed),
+        n_fits,
+        fit_seconds,
+        score_seconds,
     )
 
 
+def _check_reusable(fitted: BaseDetector, fresh: BaseDetector, features: Features) -> None:
+    """A ValueError unless ``fitted`` is what ``fresh`` becomes when fitted on ``features``:
+    the same class and hyper-parameters, fitted on these very features."""
+    mine, theirs = fitted.get_params(), fresh.get_params()
+    same = type(fitted) is type(fresh) and all(
+        np.array_equal(mine[key], theirs[key])
+        if isinstance(mine[key], np.ndarray) or isinstance(theirs[key], np.ndarray)
+        else mine[key] == theirs[key]
+        for key in mine
+    )
+    if not same:
+        raise ValueError(
+            f"the fitted detector {fitted!r} is not the one the factory makes ({fresh!r}): "
+            "pass a detector of the factory's class and parameters, or fitted=None"
+        )
+    if not fitted.was_fitted_on(features):
+        raise ValueError(
+            f"the fitted detector {fitted!r} was fitted on other features than these "
+            f"{len(next(iter(features.values())))} images: pass the detector fitted on this "
+            "training set, or fitted=None"
+        )
+
+
 def patch_sroc_ranking(
-    features: Features, image_ids: Sequence[str], factory: DetectorFactory
+    features: Features, image_ids: Sequence[str], factory: DetectorFactory, tie_seed: int = 0
 ) -> Ranking:
     """Patch-level SROC (PatchCore only): every training patch scored leave-one-image-out.
 
-    ``factory`` must make a :class:`~sroc.detectors.PatchCoreDetector` with
-    ``exclude_self=True``: it is fitted on all N images and scores the same N, each image's
-    patches searched among the other images' memory patches. The ranking's ``patch_scores`` are
-    those patch scores (N, H, W); its image scores, each image's highest patch score, order the
-    images as ``sroc_loo`` does (they are the same numbers). :func:`removed_patches` gives the
-    patches a refinement ratio removes; a detector fitted with
-    ``excluded_patches=removed_patches(...)`` keeps every other patch.
+    ``factory`` must make a detector with a patch memory bank (``has_patch_bank``, e.g.
+    :class:`~sroc.detectors.PatchCoreDetector`) and ``exclude_self=True``: it is fitted on all
+    N images and scores the same N, each image's patches searched among the other images'
+    memory patches. The ranking's ``patch_scores`` are those patch scores (N, H, W); its image
+    scores, each image's highest patch score, order the images as ``sroc_loo`` does (they are
+    the same numbers). :func:`removed_patches` gives the patches a refinement ratio removes; a
+    detector fitted with ``excluded_patches=removed_patches(...)`` keeps every other patch.
     """
     n = len(_check_inputs(features, image_ids))
     detector = factory()
-    if not isinstance(detector, PatchCoreDetector) or not detector.exclude_self:
+    if not type(detector).has_patch_bank or not getattr(detector, "exclude_self", False):
         raise ValueError(
-            f"patch_sroc ranks the patches of a PatchCore memory bank: the factory must make a "
-            f"PatchCoreDetector with exclude_self=True, got {detector!r}"
+            f"patch_sroc ranks the patches of a memory bank: the factory must make a detector "
+            f"with a patch bank (e.g. PatchCoreDetector) and exclude_self=True, got {detector!r}"
         )
     start = time.perf_counter()
     detector.fit(features)
@@ -184,7 +230,7 @@ def patch_sroc_ranking(
     return Ranking(
         "patch_sroc",
         np.asarray(scores, dtype=np.float64),
-        removal_order(scores, image_ids),
+        removal_order(scores, image_ids, tie_seed),
         1,
         fit_seconds,
         score_seconds,
@@ -192,9 +238,12 @@ def patch_sroc_ranking(
     )
 
 
-def patch_removal_order(patch_scores: np.ndarray, image_ids: Sequence[str]) -> np.ndarray:
+def patch_removal_order(
+    patch_scores: np.ndarray, image_ids: Sequence[str], tie_seed: int = 0
+) -> np.ndarray:
     """Rows of the image-major patch bank (image i, location l: row ``i * H * W + l``) sorted by
-    patch score descending, ties broken by image id ascending, then by location (int64)."""
+    patch score descending, ties broken by the image's :func:`tie_keys`, then by location
+    (int64)."""
     patch_scores = np.asarray(patch_scores)
     if patch_scores.ndim != 3:
         raise ValueError(f"patch_scores must have shape (N, H, W), got {patch_scores.shape}")
@@ -203,18 +252,20 @@ def patch_removal_order(patch_scores: np.ndarray, image_ids: Sequence[str]) -> n
     flat = patch_scores.reshape(-1).astype(np.float64)
     if not np.isfinite(flat).all():
         raise ValueError("patch scores must be finite")
-    id_rank = np.empty(n, dtype=np.int64)
-    id_rank[np.argsort(ids, kind="stable")] = np.arange(n)
+    keys = tie_keys(ids, tie_seed)
     locations = height * width
     rows = np.arange(n * locations)
+    images = rows // locations
     # lexsort sorts by its last key first.
-    return np.lexsort((rows % locations, id_rank[rows // locations], -flat)).astype(np.int64)
+    return np.lexsort((rows % locations, keys[images, 1], keys[images, 0], -flat)).astype(np.int64)
 
 
-def removed_patches(patch_scores: np.ndarray, image_ids: Sequence[str], ratio: float) -> np.ndarray:
+def removed_patches(
+    patch_scores: np.ndarray, image_ids: Sequence[str], ratio: float, tie_seed: int = 0
+) -> np.ndarray:
     """Rows of the patch bank removed at ``ratio``: the ``n_removed(N * H * W, ratio)`` highest
     patch scores (round half up, as for images), in removal order."""
-    order = patch_removal_order(patch_scores, image_ids)
+    order = patch_removal_order(patch_scores, image_ids, tie_seed)
     return order[: n_removed(len(order), ratio)]
 
 
@@ -231,7 +282,7 @@ def random_ranking(image_ids: Sequence[str], rng_seed: int) -> Ranking:
     """Seeded random removal order; the scores are the uniform draws that order it."""
     ids = _check_ids(image_ids, None)
     scores = np.random.default_rng(rng_seed).random(len(ids))
-    return Ranking("random", scores, removal_order(scores, ids), 0, 0.0, 0.0)
+    return Ranking("random", scores, removal_order(scores, ids, rng_seed), 0, 0.0, 0.0)
 
 
 def cross_validation_ranking(
@@ -256,7 +307,7 @@ def cross_validation_ranking(
     return Ranking(
         "cross_validation",
         scores,
-        removal_order(scores, image_ids),
+        removal_order(scores, image_ids, rng_seed),
         n_folds,
         fit_seconds,
         score_seconds,
@@ -284,7 +335,12 @@ def stoc_ranking(
         score_seconds += seconds
     scores = total / n_folds
     return Ranking(
-        "stoc", scores, removal_order(scores, image_ids), n_folds, fit_seconds, score_seconds
+        "stoc",
+        scores,
+        removal_order(scores, image_ids, rng_seed),
+        n_folds,
+        fit_seconds,
+        score_seconds,
     )
 
 
@@ -294,6 +350,7 @@ def iterative_sroc_ranking(
     factory: DetectorFactory,
     ratio: float,
     n_steps: int,
+    tie_seed: int = 0,
 ) -> Ranking:
     """SROC in ``n_steps`` steps: each step fits on the images still kept, scores them and
     removes the highest, until n_removed(N, ratio) are removed (after step t, the round-half-up
@@ -321,17 +378,20 @@ def iterative_sroc_ranking(
         fit_seconds += seconds
         scores[kept], seconds = _score(detector, kept_features)
         score_seconds += seconds
-        step_order = kept[removal_order(scores[kept], ids[kept])]
+        step_order = kept[removal_order(scores[kept], ids[kept], tie_seed)]
         n_now = count - (n - len(kept))
         removed.append(step_order[:n_now])
         kept = np.sort(step_order[n_now:])
-    order = np.concatenate([*removed, kept[removal_order(scores[kept], ids[kept])]])
+    order = np.concatenate([*removed, kept[removal_order(scores[kept], ids[kept], tie_seed)]])
     return Ranking("iterative_sroc", scores, order, len(cumulative), fit_seconds, score_seconds)
 
 
-def consensus_ranking(rankings: Sequence[Ranking], image_ids: Sequence[str]) -> Ranking:
+def consensus_ranking(
+    rankings: Sequence[Ranking], image_ids: Sequence[str], tie_seed: int = 0
+) -> Ranking:
     """Consensus of several rankings of the same training set (e.g. several detectors' SROC
-    self-scores): images ordered by their mean rank position, ties broken by image id.
+    self-scores): images ordered by their mean rank position, ties broken by :func:`tie_keys`
+    (mean positions move in steps of 1 / len(rankings): ties are common).
 
     The score is N - 1 minus the mean position, so higher is still more anomalous. Fits and
     seconds are summed over the rankings.
@@ -350,7 +410,7 @@ def consensus_ranking(rankings: Sequence[Ranking], image_ids: Sequence[str]) -> 
     return Ranking(
         "consensus",
         scores,
-        removal_order(scores, image_ids),
+        removal_order(scores, image_ids, tie_seed),
         sum(r.n_fits for r in rankings),
         sum(r.fit_seconds for r in rankings),
         sum(r.score_seconds for r in rankings),

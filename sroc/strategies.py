@@ -278,7 +278,11 @@ class PerImageCost:
 
 def _sroc(inputs: RankingInputs) -> refinement.Ranking:
     return refinement.sroc_ranking(
-        inputs.features, inputs.image_ids, inputs.detector.factory(), fitted=inputs.fitted
+        inputs.features,
+        inputs.image_ids,
+        inputs.detector.factory(),
+        fitted=inputs.fitted,
+        tie_seed=inputs.rng_seed,
     )
 
 
@@ -307,18 +311,26 @@ def _stoc(inputs: RankingInputs) -> refinement.Ranking:
 
 
 def _by_refiner(inputs: RankingInputs) -> refinement.Ranking:
-    return refinement.sroc_ranking(inputs.features, inputs.image_ids, inputs.refiner.factory())
+    return refinement.sroc_ranking(
+        inputs.features, inputs.image_ids, inputs.refiner.factory(), tie_seed=inputs.rng_seed
+    )
 
 
 def _sroc_loo(inputs: RankingInputs) -> refinement.Ranking:
     return refinement.sroc_ranking(
-        inputs.features, inputs.image_ids, inputs.detector.factory(exclude_self=True)
+        inputs.features,
+        inputs.image_ids,
+        inputs.detector.factory(exclude_self=True),
+        tie_seed=inputs.rng_seed,
     )
 
 
 def _patch_sroc(inputs: RankingInputs) -> refinement.Ranking:
     return refinement.patch_sroc_ranking(
-        inputs.features, inputs.image_ids, inputs.detector.factory(exclude_self=True)
+        inputs.features,
+        inputs.image_ids,
+        inputs.detector.factory(exclude_self=True),
+        tie_seed=inputs.rng_seed,
     )
 
 
@@ -330,6 +342,7 @@ def _iterative_sroc(inputs: RankingInputs, ratio: float) -> refinement.Ranking:
         inputs.detector.factory(),
         ratio,
         inputs.settings["iterative_steps"],
+        tie_seed=inputs.rng_seed,
     )
 
 
@@ -344,11 +357,15 @@ def _consensus(inputs: RankingInputs) -> refinement.Ranking:
     return refinement.consensus_ranking(
         [
             refinement.sroc_ranking(
-                inputs.features, inputs.image_ids, member.factory(exclude_self=True)
+                inputs.features,
+                inputs.image_ids,
+                member.factory(exclude_self=True),
+                tie_seed=inputs.rng_seed,
             )
             for member in members
         ],
         inputs.image_ids,
+        tie_seed=inputs.rng_seed,
     )
 
 

@@ -3,14 +3,14 @@ and exact rounding with decimals, on small synthetic features with planted pollu
 
 from __future__ import annotations
 
-import inspect
+import hashlib
 from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from sroc.detectors import BaseDetector, make_detector
+from sroc.detectors import make_detector
 from sroc.metrics import refinement_scores
 from sroc.refinement import (
     Ranking,
@@ -46,36 +46,8 @@ DETECTOR_PARAMS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# TEMPORARY SHIM, tests only: the detectors helper is adding BaseDetector.score(features, maps).
-# Until that lands, wrap detectors so that score(features, maps=False) works; once score() takes
-# `maps`, the real detectors are used unwrapped and this block can be deleted.
-# ---------------------------------------------------------------------------------------------
-SCORE_TAKES_MAPS = "maps" in inspect.signature(BaseDetector.score).parameters
-
-
-class _MapsKeywordShim:
-    def __init__(self, detector: BaseDetector):
-        self.detector = detector
-
-    def fit(self, features):
-        self.detector.fit(features)
-        return self
-
-    def score(self, features, maps=True):
-        scores, image_maps = self.detector.score(features)
-        return scores, image_maps if maps else None
-
-    def __getattr__(self, name):
-        return getattr(self.detector, name)
-
-
 def detector(name: str, **params):
-    made = make_detector(name, **{**DETECTOR_PARAMS[name], **params})
-    return made if SCORE_TAKES_MAPS else _MapsKeywordShim(made)
-
-
-# --------------------------------------------------------------------------- end of the shim
+    return make_detector(name, **{**DETECTOR_PARAMS[name], **params})
 
 
 def factory(name: str, **params):
@@ -112,9 +84,22 @@ def subset(features, positions):
     return {stage: array[np.sort(positions)] for stage, array in features.items()}
 
 
-def reference_order(scores, ids):
-    """Highest score first, equal scores by id, by Python's sort on (-score, id) pairs."""
-    return np.array(sorted(range(len(scores)), key=lambda i: (-scores[i], ids[i])))
+def reference_tie_key(image_id, tie_seed=0):
+    """The tie-break of the removal order, written out: keyed BLAKE2b of the file name, then of
+    the whole id (8-byte digests, big-endian integers)."""
+
+    def digest(text):
+        key = int(tie_seed).to_bytes(8, "little", signed=True)
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8, key=key).digest())
+
+    return digest(str(image_id).split("/")[-1]), digest(str(image_id))
+
+
+def reference_order(scores, ids, tie_seed=0):
+    """Highest score first, equal scores by the tie key, by Python's sort."""
+    return np.array(
+        sorted(range(len(scores)), key=lambda i: (-scores[i], reference_tie_key(ids[i], tie_seed)))
+    )
 
 
 class Recording:
@@ -162,10 +147,11 @@ def reference_loio_patch_scores(features, k=5):
 
 def reference_top_patches(patch_scores, ids, count):
     """The ``count`` highest patches as (image, location) pairs, by Python's sort on
-    (-score, image id, location)."""
+    (-score, the image's tie key, location)."""
     n, height, width = patch_scores.shape
     pairs = [(i, loc) for i in range(n) for loc in range(height * width)]
-    pairs.sort(key=lambda pair: (-float(patch_scores.reshape(n, -1)[pair]), ids[pair[0]], pair[1]))
+    flat = patch_scores.reshape(n, -1)
+    pairs.sort(key=lambda pair: (-float(flat[pair]), reference_tie_key(ids[pair[0]]), pair[1]))
     return pairs[:count]
 
 
@@ -198,18 +184,24 @@ def test_patch_sroc_removes_round_r_p_of_the_highest_patches(polluted, ratio):
     assert list(touched) == list(dict.fromkeys(image for image, _ in expected))
 
 
-def test_patch_removal_ties_are_broken_by_image_id_then_location():
+def test_patch_removal_ties_are_broken_by_the_image_tie_key_then_location():
     scores = np.zeros((3, 1, 2), dtype=np.float32)
     scores[0, 0, 1] = scores[2, 0, 0] = scores[2, 0, 1] = 1.0
-    ids = ["c", "x", "a"]  # image 2 sorts first
-    assert list(patch_removal_order(scores, ids)) == [4, 5, 1, 0, 2, 3]
-    assert list(images_of_patches([4, 5, 1, 0], scores.shape)) == [2, 0]
+    ids = ["c", "x", "a"]
+    expected = sorted(
+        range(6), key=lambda row: (-scores.reshape(-1)[row], reference_tie_key(ids[row // 2]), row)
+    )
+    order = list(patch_removal_order(scores, ids))
+    assert order == expected
+    assert list(images_of_patches(order[:3], scores.shape)) == list(
+        dict.fromkeys(row // 2 for row in order[:3])
+    )
 
 
 def test_patch_sroc_needs_a_leave_one_out_patchcore(polluted):
     features, ids, _ = polluted
     for make in (factory("patchcore"), factory("knn", exclude_self=True)):
-        with pytest.raises(ValueError, match="PatchCoreDetector with exclude_self=True"):
+        with pytest.raises(ValueError, match="with a patch bank .* and exclude_self=True"):
             patch_sroc_ranking(features, ids, make)
 
 
@@ -249,15 +241,61 @@ def test_removed_and_kept_positions_split_the_order():
     assert len(removed_positions(ranking, 0.0)) == 0 and len(kept_positions(ranking, 0)) == 5
 
 
-def test_ties_are_broken_by_image_id_ascending():
+@pytest.mark.parametrize("tie_seed", [0, 7, 123456789])
+def test_ties_are_broken_by_a_seeded_hash_of_the_file_name(tie_seed):
     scores = np.array([1.0, 2.0, 2.0, 0.0, 2.0, 1.0])
     ids = np.array(["f", "c", "a", "b", "e", "d"])
-    assert list(removal_order(scores, ids)) == [2, 1, 4, 5, 0, 3]
-    assert list(removal_order(scores, ids)) == list(reference_order(scores, ids))
-    # Text order, not numeric: "img10" sorts before "img9".
-    assert list(removal_order(np.zeros(2), ["img9", "img10"])) == [1, 0]
+    expected = list(reference_order(scores, ids, tie_seed))
+    assert list(removal_order(scores, ids, tie_seed)) == expected
+    assert [scores[i] for i in expected] == sorted(scores, reverse=True)
     # A pandas column of str (object dtype) is accepted.
-    assert list(removal_order(scores, pd.Series(ids).to_numpy())) == [2, 1, 4, 5, 0, 3]
+    assert list(removal_order(scores, pd.Series(ids).to_numpy(), tie_seed)) == expected
+
+
+def tied_cell(healthy_prefix: str):
+    """20 training images, 16 healthy in folder ``healthy_prefix`` and 4 polluted in
+    test/crack, and two rankings that agree on the rest but rank images 14-19 (two healthy, the
+    four polluted) in opposite orders: their consensus ties those six, and removing 4 images
+    (r = 0.2) cuts through the tie."""
+    ids = np.array(
+        [f"{healthy_prefix}/{i:03d}.png" for i in range(16)]
+        + [f"test/crack/{i:03d}.png" for i in range(16, 20)]
+    )
+    top, rest = np.arange(14, 20), np.arange(13, -1, -1)
+    rankings = []
+    for name, order in (("up", np.r_[top, rest]), ("down", np.r_[top[::-1], rest])):
+        scores = np.empty(20)
+        scores[order] = np.arange(20, 0, -1)
+        rankings.append(Ranking(name, scores, order, 0, 0.0, 0.0))
+    return ids, rankings
+
+
+@pytest.mark.parametrize("tie_seed", [0, 1, 2, 3])
+def test_renaming_the_origin_folders_leaves_the_removed_images_unchanged(tie_seed):
+    removed = []
+    for prefix in ("a_first/good", "train/good", "zz_last/good"):  # healthy ids sort first, last
+        ids, rankings = tied_cell(prefix)
+        consensus = consensus_ranking(rankings, ids, tie_seed)
+        order = consensus.order
+        assert len(set(consensus.scores[order[:6]])) == 1  # the cut at r = 0.2 falls in a tie
+        removed.append({ids[i].split("/")[-1] for i in order[: n_removed(20, 0.2)]})
+    assert removed[0] == removed[1] == removed[2]
+
+
+def test_ties_do_not_favour_the_polluted_images():
+    """Over many cells whose cut falls in a tie, polluted images win the tie about as often as
+    their share of the tied images: an id order ("test/" < "train/") would give them all."""
+    won, share = [], []
+    for tie_seed in range(200):
+        ids, rankings = tied_cell("train/good")
+        consensus = consensus_ranking(rankings, ids, tie_seed)
+        order, scores = consensus.order, consensus.scores
+        cut = n_removed(20, 0.2)
+        tied = np.flatnonzero(scores == scores[order[cut - 1]])
+        inside = [i for i in order[:cut] if i in tied]
+        won.append(np.mean([ids[i].startswith("test/") for i in inside]))
+        share.append(np.mean([ids[i].startswith("test/") for i in tied]))
+    assert abs(np.mean(won) - np.mean(share)) < 0.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,13 +319,24 @@ def test_sroc_scores_the_training_set_with_the_model_fitted_on_it(polluted):
 def test_sroc_reuses_an_already_fitted_detector(polluted):
     features, ids, _ = polluted
     fitted = detector("knn").fit(features)
-    reused = sroc_ranking(features, ids, factory("mahalanobis"), fitted=fitted)
+    reused = sroc_ranking(features, ids, factory("knn"), fitted=fitted)
     fresh = sroc_ranking(features, ids, factory("knn"))
     np.testing.assert_array_equal(reused.scores, fresh.scores)
     assert (reused.n_fits, reused.fit_seconds) == (0, 0.0) and fresh.fit_seconds > 0
+    # A model fitted on other images is refused, also when their number is the same: every
+    # pollution ratio of a split has the same N.
     other = detector("knn").fit(subset(features, np.arange(20)))
-    with pytest.raises(ValueError, match="fitted on 20 images, not on these 50"):
+    with pytest.raises(ValueError, match="fitted on other features than these 50 images"):
         sroc_ranking(features, ids, factory("knn"), fitted=other)
+    others, _, _ = polluted_features(seed=99)
+    same_size = detector("knn").fit(others)
+    with pytest.raises(ValueError, match="fitted on other features"):
+        sroc_ranking(features, ids, factory("knn"), fitted=same_size)
+    # So is a model of another class or other parameters than the factory makes.
+    with pytest.raises(ValueError, match="not the one the factory makes"):
+        sroc_ranking(features, ids, factory("mahalanobis"), fitted=fitted)
+    with pytest.raises(ValueError, match="not the one the factory makes"):
+        sroc_ranking(features, ids, factory("knn", n_neighbors=4), fitted=fitted)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -409,7 +458,7 @@ def reference_iterative(features, ids, name, counts):
         fitted = detector(name).fit(subset(features, positions))
         step = fitted.score(subset(features, positions), maps=False)[0]
         scores.update(zip(positions.tolist(), step.tolist(), strict=True))
-        ranked = sorted(kept, key=lambda i: (-scores[i], ids[i]))
+        ranked = sorted(kept, key=lambda i: (-scores[i], reference_tie_key(ids[i])))
         take = count - len(removed)
         removed, kept = removed + ranked[:take], ranked[take:]
     return removed, kept, np.array([scores[i] for i in range(len(ids))])
@@ -433,7 +482,9 @@ def test_iterative_sroc_refits_on_what_remains(polluted, name, ratio, n_steps, c
     assert list(removed_positions(ranking, ratio)) == removed
     np.testing.assert_allclose(ranking.scores, scores, rtol=1e-12)
     # The kept images follow in the order of their last scores.
-    assert list(ranking.order[len(removed) :]) == sorted(kept, key=lambda i: (-scores[i], ids[i]))
+    assert list(ranking.order[len(removed) :]) == sorted(
+        kept, key=lambda i: (-scores[i], reference_tie_key(ids[i]))
+    )
     if name == "mahalanobis":  # the refit moves the mean and covariance: every score changes
         sroc = sroc_ranking(features, ids, factory(name))
         assert not np.isclose(ranking.scores[kept], sroc.scores[kept]).any()
@@ -448,7 +499,7 @@ def test_consensus_averages_rank_positions(polluted):
     mean_position = {
         image: np.mean([list(r.order).index(image) for r in rankings]) for image in range(N_TRAIN)
     }
-    expected = sorted(range(N_TRAIN), key=lambda i: (mean_position[i], ids[i]))
+    expected = sorted(range(N_TRAIN), key=lambda i: (mean_position[i], reference_tie_key(ids[i])))
     assert list(consensus.order) == expected
     np.testing.assert_allclose(
         consensus.scores, [N_TRAIN - 1 - mean_position[i] for i in range(N_TRAIN)]
@@ -459,13 +510,13 @@ def test_consensus_averages_rank_positions(polluted):
     np.testing.assert_array_equal(consensus_ranking(rankings[:1], ids).order, rankings[0].order)
 
 
-def test_consensus_of_opposite_rankings_ties_everywhere_and_orders_by_id():
+def test_consensus_of_opposite_rankings_ties_everywhere_and_orders_by_tie_key():
     ids = np.array(["d", "b", "e", "a", "c"])
     forward = random_ranking(ids, rng_seed=2)
     backward = Ranking("reverse", -forward.scores, forward.order[::-1].copy(), 0, 0.0, 0.0)
-    consensus = consensus_ranking([forward, backward], ids)
+    consensus = consensus_ranking([forward, backward], ids, tie_seed=5)
     np.testing.assert_array_equal(consensus.scores, np.full(5, 2.0))
-    assert list(ids[consensus.order]) == ["a", "b", "c", "d", "e"]
+    assert list(consensus.order) == list(reference_order(np.zeros(5), ids, tie_seed=5))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ count, whereas a multi-threaded BLAS may split a reduction differently with 1 an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import math
 import os
@@ -183,6 +184,26 @@ def detector_class(name: str) -> type[BaseDetector]:
         ) from None
 
 
+# Values per image and stage that features_fingerprint hashes: a strided sample, so that the
+# fingerprint of a training set costs microseconds next to the fit.
+FINGERPRINT_VALUES_PER_IMAGE = 4096
+
+
+def features_fingerprint(features: Mapping[str, np.ndarray]) -> str:
+    """A digest of feature maps {stage: (n, C, H, W)}: the stages, their shapes and a strided
+    sample of every image's float32 values. Two different training sets (other images, other
+    order, another pollution ratio) differ in it; the same features give the same digest
+    whatever their dtype in memory."""
+    digest = hashlib.blake2b(digest_size=16)
+    for stage in sorted(features):
+        array = np.asarray(features[stage])
+        flat = array.reshape(len(array), -1)
+        stride = max(1, flat.shape[1] // FINGERPRINT_VALUES_PER_IMAGE)
+        digest.update(f"{stage}:{array.shape}".encode())
+        digest.update(np.ascontiguousarray(flat[:, ::stride], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
 class NotFittedError(ValueError, AttributeError):
     """A detector was used before ``fit`` (as scikit-learn's exception of that name)."""
 
@@ -312,8 +333,20 @@ class BaseDetector:
             raise ValueError(f"{type(self).__name__} needs at least 2 training images, got 1")
         with self._threads():
             self._fit(features)
+        self.training_fingerprint_ = features_fingerprint(features)
         self._is_fitted = True
         return self
+
+    def was_fitted_on(self, features: Mapping[str, np.ndarray]) -> bool:
+        """Whether ``features`` are the very features this detector was fitted on (its used
+        stages, compared by :func:`features_fingerprint`), e.g. before reusing it to score its
+        own training set."""
+        if not getattr(self, "_is_fitted", False):
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(features) first")
+        if any(stage not in features for stage in self.stages_):
+            return False
+        used = {stage: features[stage] for stage in self.stages_}
+        return features_fingerprint(used) == self.training_fingerprint_
 
     def score(
         self, features: Mapping[str, np.ndarray], maps: bool = True
