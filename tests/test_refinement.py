@@ -650,3 +650,120 @@ def test_patch_sroc_runs_for_patchcore_only(polluted):
             [0.2],
             ["patch_sroc"],
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid's strategies against independent computations on a small cell
+# ---------------------------------------------------------------------------------------------
+
+
+class RatioCell(StubCell):
+    """A StubCell whose training set depends on the pollution ratio: at ratio 0 the polluted
+    images are left out (the robustness curve's clean fit), at any other ratio all are in."""
+
+    def training_set(self, ratio):
+        return self.train if ratio > 0 else self.train[~self.train["polluted"]]
+
+
+def grid_cell(polluted):
+    from sroc import experiment
+    from sroc.config import DetectorSpec
+
+    features, ids, polluted_ids = polluted
+    cell = RatioCell(features, ids, polluted_ids, polluted_features(seed=4, n=4)[0])
+    knn, mahalanobis = DetectorSpec("knn", {"n_neighbors": 3}), DetectorSpec("mahalanobis")
+    setup = experiment.RefinementSetup(
+        knn,
+        pollution_ratio=POLLUTION,
+        rng_seed=11,
+        refiner=mahalanobis,
+        consensus=(knn, mahalanobis),
+        settings={"n_folds": 5, "iterative_steps": 3},
+    )
+    return cell, setup
+
+
+def test_every_image_level_strategy_refits_on_exactly_the_kept_images(polluted):
+    from sroc import experiment
+
+    features, ids, _ = polluted
+    cell, setup = grid_cell(polluted)
+    names = ["sroc", "random", "cross_validation", "stoc", "by_refiner", "sroc_loo", "consensus"]
+    _, rankings, curves = experiment.unrefined_runs_and_rankings(
+        cell, setup, ImageLevelEvaluation(), [0.0, POLLUTION], names
+    )
+    assert [name for name, _ in curves] == names
+    stored = {ranking.strategy: ranking for ranking in rankings}
+    ratio = 0.3
+    stored.update(
+        {
+            r.strategy: r
+            for r in experiment.per_ratio_rankings(cell, setup, ["iterative_sroc"], ratio)
+        }
+    )
+    runs = experiment.refined_runs(cell, setup.detector, ImageLevelEvaluation(), stored, ratio)
+    assert sorted(run.strategy for run in runs) == sorted([*names, "iterative_sroc"])
+    count = n_removed(N_TRAIN, ratio)
+    for run in runs:
+        removed = set(stored[run.strategy].image_ids[stored[run.strategy].order[:count]])
+        assert set(run.removed_ids) == removed, run.strategy
+        kept = np.flatnonzero(~np.isin(ids, list(removed)))
+        fresh = detector("knn").fit(subset(features, kept))
+        expected = fresh.score(cell.test_features, maps=False)[0]
+        np.testing.assert_array_equal(run.scores, expected, err_msg=run.strategy)
+
+
+def test_by_refiner_ranks_with_the_refiners_type_and_sroc_with_the_model_fitted_at_p(polluted):
+    from sroc import experiment
+
+    features, ids, _ = polluted
+    cell, setup = grid_cell(polluted)
+    _, rankings, _ = experiment.unrefined_runs_and_rankings(
+        cell, setup, ImageLevelEvaluation(), [0.0, POLLUTION], ["sroc", "by_refiner"]
+    )
+    stored = {ranking.strategy: ranking for ranking in rankings}
+    refiner_scores = detector("mahalanobis").fit(features).score(features, maps=False)[0]
+    np.testing.assert_array_equal(stored["by_refiner"].scores, refiner_scores)
+    assert stored["by_refiner"].refiner == "mahalanobis"
+    # SROC scores the training set at p with the robustness curve's model at p (no new fit):
+    # not with the clean model fitted at ratio 0.
+    at_p = detector("knn").fit(features).score(features, maps=False)[0]
+    np.testing.assert_array_equal(stored["sroc"].scores, at_p)
+    assert stored["sroc"].attrs["n_fits"] == 0 and stored["sroc"].refiner == "knn"
+    clean = detector("knn").fit(subset(features, np.flatnonzero(~cell.train["polluted"])))
+    assert not np.array_equal(stored["sroc"].scores, clean.score(features, maps=False)[0])
+
+
+def test_sroc_loo_and_consensus_use_leave_one_out_members(polluted):
+    from sroc import experiment
+
+    features, ids, _ = polluted
+    cell, setup = grid_cell(polluted)
+    _, rankings, _ = experiment.unrefined_runs_and_rankings(
+        cell, setup, ImageLevelEvaluation(), [POLLUTION], ["sroc_loo", "consensus"]
+    )
+    stored = {ranking.strategy: ranking for ranking in rankings}
+    loo = {
+        name: detector(name, exclude_self=True).fit(features).score(features, maps=False)[0]
+        for name in ("knn", "mahalanobis")
+    }
+    np.testing.assert_array_equal(stored["sroc_loo"].scores, loo["knn"])
+    positions = np.zeros(N_TRAIN)
+    for scores in loo.values():
+        order = reference_order(scores, ids, setup.rng_seed)
+        positions[order] += np.arange(N_TRAIN)
+    np.testing.assert_allclose(stored["consensus"].scores, N_TRAIN - 1 - positions / 2)
+    assert stored["consensus"].refiner == "knn+mahalanobis"
+    expected = reference_order(stored["consensus"].scores, ids, setup.rng_seed)
+    np.testing.assert_array_equal(stored["consensus"].order, expected)
+
+
+def test_iterative_sroc_targets_the_refinement_ratio_not_the_pollution_ratio(polluted):
+    from sroc import experiment
+
+    features, ids, _ = polluted
+    cell, setup = grid_cell(polluted)
+    for ratio in (0.1, 0.3):
+        (ranking,) = experiment.per_ratio_rankings(cell, setup, ["iterative_sroc"], ratio)
+        expected = iterative_sroc_ranking(features, ids, factory("knn"), ratio, 3, setup.rng_seed)
+        np.testing.assert_array_equal(ranking.order, expected.order)
