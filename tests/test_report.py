@@ -544,6 +544,41 @@ def test_recovery_equals_direct_computation(runs):
     assert plain.loc[plain["lost"] >= 0.005, "recovery"].notna().all()
 
 
+def test_recovery_covers_single_run_and_patch_strategies_and_an_oracle_off_p(runs):
+    """sroc_auto (its own ratio), patch_sroc (ratio curve) and an oracle that removed a share
+    other than exactly p (its r is the share of polluted images) each get their recovery row."""
+    extended = with_auto_ratio(runs)
+    extended = pd.concat(
+        [extended, runs[runs["strategy"] == "sroc"].assign(strategy="patch_sroc")],
+        ignore_index=True,
+    )
+    oracle = extended["strategy"] == "oracle"
+    extended.loc[oracle, "refinement_ratio"] = np.where(
+        extended.loc[oracle, "seed"] % 2, 0.19, 0.21
+    )
+    clean_rows = (extended["strategy"] == "none") & np.isclose(extended["pollution_ratio"], 0.0)
+    boosted = extended.assign(image_auroc=extended["image_auroc"] + 0.3 * clean_rows)
+    table = recovery.recovery_table(boosted).set_index(["detector", "strategy"])
+    for detector in DETECTORS:
+        clean, _ = direct(boosted, "image_auroc", "mean", detector=detector, strategy="none",
+                          pollution_ratio=0.0)  # fmt: skip
+        polluted, _ = direct(boosted, "image_auroc", "mean", detector=detector, strategy="none",
+                             pollution_ratio=0.2)  # fmt: skip
+        for strategy, conditions in [
+            ("sroc_auto", {}),
+            ("oracle", {}),
+            ("patch_sroc", {"refinement_ratio": 0.2}),
+        ]:
+            refined, _ = direct(boosted, "image_auroc", "mean", detector=detector,
+                                strategy=strategy, **conditions)  # fmt: skip
+            row = table.loc[(detector, strategy)]
+            assert row["recovery"] == pytest.approx((refined - polluted) / (clean - polluted))
+        own = boosted[(boosted["detector"] == detector) & (boosted["strategy"] == "sroc_auto")]
+        assert table.loc[(detector, "sroc_auto"), "refinement_ratio"] == pytest.approx(
+            own["refinement_ratio"].mean()
+        )
+
+
 def test_every_table_and_figure_is_written(runs, tmp_path):
     written = []
 
