@@ -3,19 +3,10 @@ strategies' runs of one (detector, category, seed)."""
 
 from sroc import experiment, runs
 from sroc.logs import rule_logging
-from sroc.plugins import load_plugins
 
 with rule_logging(snakemake.log[0]) as log:
-    load_plugins(snakemake.params.plugins)
-    job = experiment.CellJob.load(
-        snakemake.input.manifest,
-        snakemake.input.info,
-        snakemake.input.cache,
-        snakemake.params.evaluation,
-        snakemake.params.input_size,
-    )
-    setup = experiment.RefinementSetup.from_params(
-        snakemake.params.setup, snakemake.threads, snakemake.wildcards.category, job.info["seed"]
+    job, setup = experiment.CellJob.for_rule(
+        snakemake.input, snakemake.params, snakemake.threads, snakemake.wildcards.category
     )
     fitted, rankings, rows = [], [], []
     if job.cell is not None:

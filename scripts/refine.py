@@ -3,19 +3,10 @@ strategies that rank per ratio) and score the test set, for one (detector, categ
 
 from sroc import experiment, runs
 from sroc.logs import rule_logging
-from sroc.plugins import load_plugins
 
 with rule_logging(snakemake.log[0]) as log:
-    load_plugins(snakemake.params.plugins)
-    job = experiment.CellJob.load(
-        snakemake.input.manifest,
-        snakemake.input.info,
-        snakemake.input.cache,
-        snakemake.params.evaluation,
-        snakemake.params.input_size,
-    )
-    setup = experiment.RefinementSetup.from_params(
-        snakemake.params.setup, snakemake.threads, snakemake.wildcards.category, job.info["seed"]
+    job, setup = experiment.CellJob.for_rule(
+        snakemake.input, snakemake.params, snakemake.threads, snakemake.wildcards.category
     )
     ratio = snakemake.params.ratio
     refitted, rows, own = [], [], []
@@ -23,10 +14,9 @@ with rule_logging(snakemake.log[0]) as log:
         own = experiment.per_ratio_rankings(job.cell, setup, snakemake.params.strategies, ratio)
         rankings = runs.read_rankings(snakemake.input.ranked)
         rankings.update({ranking.strategy: ranking for ranking in own})
-        refitted = experiment.refined_runs(
-            job.cell, setup.detector, job.evaluation, rankings, ratio
-        )
-        rows = experiment.result_rows(refitted, job.evaluation)
+        evaluation = job.evaluation
+        refitted = experiment.refined_runs(job.cell, setup.detector, evaluation, rankings, ratio)
+        rows = experiment.result_rows(refitted, evaluation)
     name = snakemake.wildcards.detector
     runs.write_scores(snakemake.output.scores, job.attrs(name, setup.detector), refitted, own)
     job.write_rows(snakemake.output.metrics, rows, name, setup.detector)

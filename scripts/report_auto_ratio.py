@@ -7,10 +7,10 @@ from sroc.logs import rule_logging
 from sroc.report import auto_ratio, placeholders, tables
 
 with rule_logging(snakemake.log[0]):
-    runs = tables.read_runs(snakemake.input.runs)
-    if runs.empty:
-        placeholders.write_placeholders(snakemake.output)
-    else:
+    runs = placeholders.runs_or_placeholders(
+        snakemake.input.runs, snakemake.output, snakemake.params.plugins
+    )
+    if runs is not None:
         table = auto_ratio.auto_ratio_table(runs, snakemake.params.metric)
         report.write_table(table, snakemake.output.csv, snakemake.output.markdown)
         write_text_atomic(snakemake.output.latex, tables.plain_latex(table))

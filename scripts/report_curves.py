@@ -2,15 +2,13 @@
 7-13 of the paper."""
 
 from sroc.logs import rule_logging
-from sroc.plugins import load_plugins
-from sroc.report import figures, placeholders, tables
+from sroc.report import figures, placeholders
 
 with rule_logging(snakemake.log[0]):
-    load_plugins(snakemake.params.plugins)
-    runs = tables.read_runs(snakemake.input.runs)
-    if runs.empty:
-        placeholders.write_placeholders(snakemake.output)
-    else:
+    runs = placeholders.runs_or_placeholders(
+        snakemake.input.runs, snakemake.output, snakemake.params.plugins
+    )
+    if runs is not None:
         params = snakemake.params
         paths = [snakemake.output.png, snakemake.output.pdf]
         title = f"{params.dataset}: mean over categories"

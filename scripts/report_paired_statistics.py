@@ -2,15 +2,13 @@
 
 from sroc.io import write_text_atomic
 from sroc.logs import rule_logging
-from sroc.plugins import load_plugins
 from sroc.report import placeholders, stats, tables
 
 with rule_logging(snakemake.log[0]):
-    load_plugins(snakemake.params.plugins)
-    runs = tables.read_runs(snakemake.input.runs)
-    if runs.empty:
-        placeholders.write_placeholders(snakemake.output)
-    else:
+    runs = placeholders.runs_or_placeholders(
+        snakemake.input.runs, snakemake.output, snakemake.params.plugins
+    )
+    if runs is not None:
         params = snakemake.params
         table = stats.paired_statistics(runs, params.metric, params.refiner)
         readable = stats.with_detector_labels(table, runs)

@@ -2,13 +2,13 @@
 
 from sroc.io import write_text_atomic
 from sroc.logs import rule_logging
-from sroc.report import paper, placeholders, tables
+from sroc.report import paper, placeholders
 
 with rule_logging(snakemake.log[0]):
-    runs = tables.read_runs(snakemake.input.runs)
-    if runs.empty:
-        placeholders.write_placeholders(snakemake.output)
-    else:
+    runs = placeholders.runs_or_placeholders(
+        snakemake.input.runs, snakemake.output, snakemake.params.plugins
+    )
+    if runs is not None:
         params = snakemake.params
         comparison = paper.compare_with_paper(runs, refiner=params.refiner)
         protocols = sorted(runs["protocol"].unique())

@@ -4,10 +4,10 @@ from sroc.logs import rule_logging
 from sroc.report import placeholders, tables
 
 with rule_logging(snakemake.log[0]):
-    runs = tables.read_runs(snakemake.input.runs)
-    if runs.empty:
-        placeholders.write_placeholders(snakemake.output)
-    else:
+    runs = placeholders.runs_or_placeholders(
+        snakemake.input.runs, snakemake.output, snakemake.params.plugins
+    )
+    if runs is not None:
         params = snakemake.params
         if params.table == 1:
             table = tables.table1(runs, params.ratios)

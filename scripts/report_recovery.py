@@ -5,15 +5,13 @@ import pandas as pd
 
 from sroc.io import write_text_atomic
 from sroc.logs import rule_logging
-from sroc.plugins import load_plugins
 from sroc.report import figures, placeholders, recovery, tables
 
 with rule_logging(snakemake.log[0]):
-    load_plugins(snakemake.params.plugins)
-    runs = tables.read_runs(snakemake.input.runs)
-    if runs.empty:
-        placeholders.write_placeholders(snakemake.output)
-    else:
+    runs = placeholders.runs_or_placeholders(
+        snakemake.input.runs, snakemake.output, snakemake.params.plugins
+    )
+    if runs is not None:
         table = pd.concat(
             [
                 recovery.recovery_table(runs, metric, snakemake.params.min_loss)

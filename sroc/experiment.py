@@ -35,6 +35,7 @@ from sroc.detectors import BaseDetector
 from sroc.evaluation import TestEvaluation
 from sroc.feature_cache import input_boxes, load_features
 from sroc.io import atomic_path
+from sroc.plugins import load_plugins
 from sroc.runs import Run, StoredRanking
 
 log = logging.getLogger(__name__)
@@ -377,6 +378,18 @@ class CellJob:
             canvas_hw=canvas,
         )
         return cls(info, cell, test_evaluation)
+
+    @classmethod
+    def for_rule(cls, input, params, threads: int, category: str):
+        """The job of a grid rule (rank, refine) and its :class:`RefinementSetup`, from the rule's
+        ``input`` (manifest, info, cache) and ``params`` (plugins, setup, evaluation,
+        input_size), its detectors on ``threads``; the config's plugin files are loaded first."""
+        load_plugins(params.plugins)
+        job = cls.load(
+            input.manifest, input.info, input.cache, params.evaluation, params.input_size
+        )
+        setup = RefinementSetup.from_params(params.setup, threads, category, job.info["seed"])
+        return job, setup
 
     def attrs(self, detector_name: str, detector: DetectorSpec) -> dict:
         """The attributes of the job's score file."""

@@ -290,24 +290,20 @@ def _random(inputs: RankingInputs) -> refinement.Ranking:
     return refinement.random_ranking(inputs.image_ids, inputs.rng_seed)
 
 
-def _cross_validation(inputs: RankingInputs) -> refinement.Ranking:
-    return refinement.cross_validation_ranking(
-        inputs.features,
-        inputs.image_ids,
-        inputs.detector.factory(),
-        inputs.settings["n_folds"],
-        inputs.rng_seed,
-    )
+def _on_folds(ranking: Callable) -> Callable[[RankingInputs], refinement.Ranking]:
+    """A strategy function for a fold-based ranking of sroc.refinement (cross-validation, STOC):
+    ``n_folds`` folds, drawn with the cell's seed."""
 
+    def rank(inputs: RankingInputs) -> refinement.Ranking:
+        return ranking(
+            inputs.features,
+            inputs.image_ids,
+            inputs.detector.factory(),
+            inputs.settings["n_folds"],
+            inputs.rng_seed,
+        )
 
-def _stoc(inputs: RankingInputs) -> refinement.Ranking:
-    return refinement.stoc_ranking(
-        inputs.features,
-        inputs.image_ids,
-        inputs.detector.factory(),
-        inputs.settings["n_folds"],
-        inputs.rng_seed,
-    )
+    return rank
 
 
 def _by_refiner(inputs: RankingInputs) -> refinement.Ranking:
@@ -413,7 +409,7 @@ register(
         name="cross_validation",
         label="cross-validation",
         kind="ranked",
-        function=_cross_validation,
+        function=_on_folds(refinement.cross_validation_ranking),
         cost=lambda m: (
             _folds(m)
             * (m.fit(m.n - m.n / _folds(m)) + m.score(m.n - m.n / _folds(m), m.n / _folds(m)))
@@ -428,7 +424,7 @@ register(
         name="stoc",
         label="STOC",
         kind="ranked",
-        function=_stoc,
+        function=_on_folds(refinement.stoc_ranking),
         cost=lambda m: _folds(m) * (m.fit(m.n / _folds(m)) + m.score(m.n / _folds(m), m.n)),
         settings=("n_folds",),
         in_paper=True,

@@ -11,8 +11,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from sroc.io import atomic_path, write_text_atomic  # noqa: E402
+from sroc.plugins import load_plugins  # noqa: E402
+from sroc.report.tables import read_runs  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +43,17 @@ def write_placeholders(paths: Iterable[str | Path], reason: str = NOTHING_TO_REP
             write_text_atomic(path, f"% {reason}\n")
         else:
             write_text_atomic(path, f"{reason}\n")
+
+
+def runs_or_placeholders(
+    runs_path: str | Path, outputs: Iterable[str | Path], plugins: Iterable[str | Path] = ()
+) -> pd.DataFrame | None:
+    """What a report rule starts from: the results table, once the config's ``plugins`` (which
+    register the strategies and detectors it names) are loaded; or None, after writing every
+    output as a placeholder, when every category was excluded."""
+    load_plugins(plugins)
+    runs = read_runs(runs_path)
+    if runs.empty:
+        write_placeholders(outputs)
+        return None
+    return runs

@@ -34,6 +34,7 @@ rule table_pollution:
     conda:
         "../../envs/sroc.yaml"
     params:
+        plugins=PLUGINS,
         table=1,
         ratios=[0.0, max(RATIOS)],
     script:
@@ -50,6 +51,7 @@ rule table_refinement:
     conda:
         "../../envs/sroc.yaml"
     params:
+        plugins=PLUGINS,
         table=2,
         ratios=[0.0, REFINED_POLLUTION, 2 * REFINED_POLLUTION],
     script:
@@ -66,6 +68,7 @@ rule table_refiner:
     conda:
         "../../envs/sroc.yaml"
     params:
+        plugins=PLUGINS,
         table=4,
         ratios=[0.0, REFINED_POLLUTION, 2 * REFINED_POLLUTION],
         refiner=REFINER,
@@ -241,6 +244,7 @@ rule paper_comparison:
     conda:
         "../../envs/sroc.yaml"
     params:
+        plugins=PLUGINS,
         refiner=REFINER,
         backbone=BACKBONE_TAG,
         dataset=DATASET["name"],
@@ -298,6 +302,7 @@ rule table_auto_ratio:
     conda:
         "../../envs/sroc.yaml"
     params:
+        plugins=PLUGINS,
         metric="image_auroc",
     script:
         "../../scripts/report_auto_ratio.py"
