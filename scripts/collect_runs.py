@@ -8,4 +8,4 @@ with rule_logging(snakemake.log[0]) as log:
         [*snakemake.input.ranked, *snakemake.input.refined], snakemake.params.dataset
     )
     log.info("%d runs", len(table))
-    runs.write_table(table, snakemake.output.parquet, snakemake.output.csv)
+    runs.write_results_table(table, snakemake.output.parquet, snakemake.output.csv)

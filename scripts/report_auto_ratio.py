@@ -12,5 +12,5 @@ with rule_logging(snakemake.log[0]):
     )
     if runs is not None:
         table = auto_ratio.auto_ratio_table(runs, snakemake.params.metric)
-        report.write_table(table, snakemake.output.csv, snakemake.output.markdown)
+        report.write_csv_and_markdown(table, snakemake.output.csv, snakemake.output.markdown)
         write_text_atomic(snakemake.output.latex, tables.plain_latex(table))

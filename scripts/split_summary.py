@@ -2,7 +2,7 @@
 
 from sroc import splits
 from sroc.logs import rule_logging
-from sroc.report import write_table
+from sroc.report import write_csv_and_markdown
 
 with rule_logging(snakemake.log[0]) as log:
     summary = splits.summarize_splits(
@@ -13,4 +13,4 @@ with rule_logging(snakemake.log[0]) as log:
     note = splits.exclusion_note(summary)
     if note:
         log.warning(note)
-    write_table(summary, snakemake.output.csv, snakemake.output.markdown)
+    write_csv_and_markdown(summary, snakemake.output.csv, snakemake.output.markdown)

@@ -194,7 +194,7 @@ def read_rankings(path: str | Path) -> dict[str, StoredRanking]:
         }
 
 
-def read_runs(path: str | Path) -> list[Run]:
+def read_score_file_runs(path: str | Path) -> list[Run]:
     """The runs of a score file (maps as float32, None where none were stored)."""
     with h5py.File(path, "r") as source:
         return [
@@ -235,7 +235,9 @@ def collect_rows(paths: Sequence[str | Path], dataset: str) -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
-def write_table(table: pd.DataFrame, parquet_path: str | Path, csv_path: str | Path) -> None:
+def write_results_table(
+    table: pd.DataFrame, parquet_path: str | Path, csv_path: str | Path
+) -> None:
     """Write the results table as Parquet and CSV, each atomically."""
     with atomic_path(parquet_path, suffix=".parquet") as tmp:
         table.to_parquet(tmp, index=False)

@@ -121,7 +121,7 @@ def test_the_toy_strategy_and_detector_are_registered_from_this_file():
 def test_the_grid_runs_a_strategy_and_a_detector_registered_in_a_plugin(tmp_path):
     from workflow_runs import snakemake
 
-    from sroc.runs import read_rankings
+    from sroc.runs import read_rankings, read_score_file_runs
 
     config = _toy_config(tmp_path)
     result = snakemake(tmp_path, config, "--cores", "2")
@@ -148,9 +148,9 @@ def test_the_grid_runs_a_strategy_and_a_detector_registered_in_a_plugin(tmp_path
         expected_removed = set(stored["random"].image_ids[random_order[::-1][: round(0.2 * n)]])
         row = reverse[(reverse["detector"] == detector) & (reverse["refinement_ratio"] == 0.2)]
         assert int(row["n_removed"].iloc[0]) == len(expected_removed)
-        from sroc.runs import read_runs
-
-        refined = read_runs(results / "scores" / detector / category / "seed0" / "refined-r0.2.h5")
+        refined = read_score_file_runs(
+            results / "scores" / detector / category / "seed0" / "refined-r0.2.h5"
+        )
         (run,) = [r for r in refined if r.strategy == "reverse_random"]
         assert set(run.removed_ids) == expected_removed
 

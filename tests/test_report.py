@@ -270,7 +270,7 @@ def test_missing_ratio_and_missing_column_are_named(runs, tmp_path):
     path = tmp_path / "runs.parquet"
     runs.drop(columns="au_iou").to_parquet(path)
     with pytest.raises(ValueError, match="au_iou"):
-        tables.read_runs(path)
+        tables.read_results_table(path)
 
 
 def test_paired_difference_matches_scipy_paired_t_test():
@@ -595,12 +595,12 @@ def test_every_table_and_figure_is_written(runs, tmp_path):
         tables.write_paper_table(table, *out(stem, ["csv", "md", "tex"]))
     table = pd.concat([recovery.recovery_table(runs, m) for m in ("image_auroc", "au_pro")])
     csv, markdown, latex = out("recovery", ["csv", "md", "tex"])
-    report.write_table(table, csv, markdown)
+    report.write_csv_and_markdown(table, csv, markdown)
     latex.write_text(tables.plain_latex(table))
     figures.plot_recovery(table, out("recovery", ["png", "pdf"]))
     table = auto_ratio.auto_ratio_table(with_auto_ratio(runs))
     csv, markdown, latex = out("auto_ratio", ["csv", "md", "tex"])
-    report.write_table(table, csv, markdown)
+    report.write_csv_and_markdown(table, csv, markdown)
     latex.write_text(tables.plain_latex(table))
     for number, metric in [(3, "image_auroc"), (7, "au_iou"), (8, "au_pro")]:
         figures.plot_pollution_curve(runs, metric, out(f"f{number}", ["png", "pdf"]))

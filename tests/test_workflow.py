@@ -204,7 +204,7 @@ def test_grid_refinement_matches_its_stored_rankings(synthetic_run):
     from sroc.contamination import tail_cut
     from sroc.metrics import refinement_scores
     from sroc.refinement import images_of_patches, n_removed, removed_patches
-    from sroc.runs import read_rankings, read_runs
+    from sroc.runs import read_rankings, read_score_file_runs
 
     workdir, config = synthetic_run
     results = workdir / "results" / "synthetic"
@@ -217,7 +217,7 @@ def test_grid_refinement_matches_its_stored_rankings(synthetic_run):
             & (table["category"] == category)
             & (table["seed"] == seed)
         ]
-        stored = read_runs(path)
+        stored = read_score_file_runs(path)
         oracle = [run for run in stored if run.strategy == "oracle"][0]
         # The oracle keeps exactly the healthy part of the polluted training set.
         assert sorted(oracle.removed_ids) == sorted(oracle.polluted_ids)

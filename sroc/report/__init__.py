@@ -14,7 +14,9 @@ import pandas as pd
 from sroc.io import atomic_path
 
 
-def write_table(table: pd.DataFrame, csv_path, markdown_path, float_format: str = ".4g") -> None:
+def write_csv_and_markdown(
+    table: pd.DataFrame, csv_path, markdown_path, float_format: str = ".4g"
+) -> None:
     """Write ``table`` as CSV (every digit) and as a Markdown table for reading."""
     with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)

@@ -15,7 +15,7 @@ import pandas as pd  # noqa: E402
 
 from sroc.io import atomic_path, write_text_atomic  # noqa: E402
 from sroc.plugins import load_plugins  # noqa: E402
-from sroc.report.tables import read_runs  # noqa: E402
+from sroc.report.tables import read_results_table  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def runs_or_placeholders(
     register the strategies and detectors it names) are loaded; or None, after writing every
     output as a placeholder, when every category was excluded."""
     load_plugins(plugins)
-    runs = read_runs(runs_path)
+    runs = read_results_table(runs_path)
     if runs.empty:
         write_placeholders(outputs)
         return None

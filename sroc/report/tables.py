@@ -60,7 +60,7 @@ REQUIRED_COLUMNS = [
 ZERO_SPREAD = 1e-12  # a std below this is rounding: every seed gave the same number
 
 
-def read_runs(path) -> pd.DataFrame:
+def read_results_table(path) -> pd.DataFrame:
     """The results table (``runs.parquet``), checked for the columns the report reads. It is
     empty when every category was excluded; the report rules then write placeholders."""
     runs = pd.read_parquet(path)
