@@ -380,7 +380,7 @@ class PatchCoreDetector(BaseDetector):
 
     def _build_index(self, bank: np.ndarray, seed: int) -> faiss.Index | None:
         if self.index == "flat":
-            return None  # exact search runs on the memory bank itself (_exact_ids)
+            return None  # exact search runs on the memory bank itself (_exact_search)
         dim = bank.shape[1]
         self.n_lists_ = self._resolved_n_lists(bank.shape[0])
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, self.n_lists_)
@@ -409,10 +409,13 @@ class PatchCoreDetector(BaseDetector):
         # faiss does not own the selector: keep it alive alongside the parameters.
         return params, selector
 
-    def _exact_ids(self, queries: np.ndarray, excluded_range: tuple[int, int] | None) -> np.ndarray:
+    def _exact_search(
+        self, queries: np.ndarray, excluded_range: tuple[int, int] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest memory patches by matrix products (faiss's flat search with an
-        excluded range takes a slow per-pair path): the nearest outside the excluded range are
-        the nearest among those before it and those after it."""
+        excluded range takes a slow per-pair path): (squared distances by direct differences,
+        ids), ascending. The nearest outside the excluded range are the nearest among those
+        before it and those after it."""
         bank = self.memory_bank_
         start, stop = (
             excluded_range if excluded_range is not None else (bank.shape[0], bank.shape[0])
@@ -426,8 +429,10 @@ class PatchCoreDetector(BaseDetector):
                 sq_parts.append(sq)
                 id_parts.append(ids + low)
         sq, ids = np.concatenate(sq_parts, axis=1), np.concatenate(id_parts, axis=1)
+        if len(sq_parts) == 1:
+            return sq, ids
         nearest = np.argsort(sq, axis=1, kind="stable")[:, : self.n_neighbors]
-        return np.take_along_axis(ids, nearest, axis=1)
+        return np.take_along_axis(sq, nearest, axis=1), np.take_along_axis(ids, nearest, axis=1)
 
     def kneighbors(
         self, queries: np.ndarray, excluded_range: tuple[int, int] | None = None
@@ -439,10 +444,10 @@ class PatchCoreDetector(BaseDetector):
         IVF found fewer than k patches in its probed cells fall back to exact search.
         """
         if self.index == "flat":
-            ids = self._exact_ids(queries, excluded_range)
-        else:
-            params, _selector = self._search_params(excluded_range)
-            _, ids = self.index_.search(queries, self.n_neighbors, params=params)
+            # Already exact distances by differences, ascending (ties to the lower id).
+            return self._exact_search(queries, excluded_range)
+        params, _selector = self._search_params(excluded_range)
+        _, ids = self.index_.search(queries, self.n_neighbors, params=params)
         missing = (ids < 0).any(axis=1)
         if missing.any():
             excluded = None
