@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.linalg.blas import get_blas_funcs
 from threadpoolctl import threadpool_limits
 
 from sroc.detectors.base import (
@@ -46,8 +47,17 @@ def _greedy_steps(
     points: np.ndarray, sq_norms: np.ndarray, bound: np.ndarray, threshold: float, n_steps: int
 ) -> list[int]:
     """Up to ``n_steps`` greedy k-center steps among ``points`` (rows), updating ``bound`` (their
-    squared distances to the selection) in place, while the maximum stays >= ``threshold``."""
+    squared distances to the selection) in place, while the maximum stays >= ``threshold``.
+
+    Each step is one distance update into one reused buffer: the norms copied in, one BLAS
+    sgemv accumulating -2 p.c onto them, the centre's norm, the clamp at 0 and the running
+    minimum, all in place (the same float32 operations in the same order as
+    ``max(|p|^2 - 2 p.c + |c|^2, 0)``, without a temporary per step)."""
     chosen: list[int] = []
+    gemv = get_blas_funcs("gemv", dtype=points.dtype)
+    # The transpose of the C-ordered points is the column-major operand sgemv takes.
+    columns = points.T
+    sq = np.empty_like(sq_norms)
     # One step is too small to share between threads (measured on 13,680 x 128 points:
     # 0.36 ms on one thread, 2.6 ms on two threads of a busy machine).
     with threadpool_limits(limits=1):
@@ -56,9 +66,8 @@ def _greedy_steps(
             if bound[best] < threshold:
                 break
             chosen.append(best)
-            sq = points @ points[best]
-            sq *= -2.0
-            sq += sq_norms
+            np.copyto(sq, sq_norms)
+            gemv(-2.0, columns, points[best], beta=1.0, y=sq, trans=1, overwrite_y=1)
             sq += sq_norms[best]
             np.maximum(sq, 0.0, out=sq)
             np.minimum(bound, sq, out=bound)
