@@ -60,7 +60,8 @@ class _CandidateSearch:
     def __init__(self, base: np.ndarray, n_candidates: int, dtype):
         n_base, dim = base.shape
         self.n_base, self.dim, self.n_candidates, self.dtype = n_base, dim, n_candidates, dtype
-        self.n_groups = min(_GROUPS, n_base)
+        # At least n_candidates groups, so that the threshold exists (n_candidates <= n_base).
+        self.n_groups = min(max(_GROUPS, n_candidates), n_base)
         self.per_group = -(-n_base // self.n_groups)
         width = self.n_groups * self.per_group
         self.augmented = np.zeros((width, dim + 1), dtype=dtype)
