@@ -81,8 +81,11 @@ class _CandidateSearch:
         self.rows = np.ones((n_rows, self.dim + 1), dtype=self.dtype)
         self.minima = np.empty((n_rows, self.n_groups), dtype=self.dtype)
 
-    def __call__(self, queries: np.ndarray, excluded: np.ndarray | None) -> np.ndarray:
-        """Candidate indices (q, n_candidates) of a block of queries, ascending."""
+    def __call__(
+        self, queries: np.ndarray, excluded: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates of a block of queries as (row, column) pairs, row-major: per row at least
+        the ``n_candidates`` smallest values, and every value <= the threshold (ties)."""
         n_rows, k = queries.shape[0], self.n_candidates
         rows = self.rows[:n_rows]
         rows[:, : self.dim] = queries
@@ -96,25 +99,11 @@ class _CandidateSearch:
         threshold = np.partition(minima, k - 1, axis=1)[:, k - 1]
         hit_rows, hit_groups = np.nonzero(minima <= threshold[:, None])
         hits = grouped[hit_rows, :, hit_groups]  # (hits, per_group)
-        columns = hit_groups[:, None] + self.group_columns
-        pair, slot = np.nonzero((hits <= threshold[hit_rows, None]) & (columns < self.n_base))
-        row, column, value = hit_rows[pair], columns[pair, slot], hits[pair, slot]
-        # At least k candidates per row, each row's together (nonzero is row-major).
-        counts = np.bincount(row, minlength=n_rows)
-        width = int(counts.max())
-        if width == k:
-            return np.sort(column.reshape(n_rows, k), axis=1)
-        position = np.arange(row.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        padded_values = np.full((n_rows, width), np.inf, dtype=self.dtype)
-        padded_columns = np.full((n_rows, width), self.n_base, dtype=np.int64)
-        padded_values[row, position] = value
-        padded_columns[row, position] = column
-        # The k smallest by (value, index): index order first, then a stable sort by value.
-        by_index = np.argsort(padded_columns, axis=1)
-        padded_values = np.take_along_axis(padded_values, by_index, axis=1)
-        padded_columns = np.take_along_axis(padded_columns, by_index, axis=1)
-        order = np.argsort(padded_values, axis=1, kind="stable")[:, :k]
-        return np.sort(np.take_along_axis(padded_columns, order, axis=1), axis=1)
+        within = hits <= threshold[hit_rows, None]
+        if np.isinf(threshold).any():  # the padding (inf) is then <= the threshold: not a column
+            within &= hit_groups[:, None] + self.group_columns < self.n_base
+        pair, slot = np.nonzero(within)
+        return hit_rows[pair], hit_groups[pair] + self.n_groups * slot
 
 
 def _nearest_sq_distances(
@@ -122,11 +111,12 @@ def _nearest_sq_distances(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours by brute force: (squared distances, indices), ascending.
 
-    Candidates (k + 4 per query) come from the fast expansion |q|^2 + |b|^2 - 2 q.b, whose
-    rounding error is large for near-identical vectors (:class:`_CandidateSearch`, blocks of
-    query rows sharing one reused buffer); the kept distances are then recomputed from direct
-    differences, so a training image scored against itself gets exactly 0, and ties go to the
-    lower index. ``excluded`` (n_queries, n_base) marks pairs that may not be neighbours.
+    Candidates (at least the k + 4 smallest per query) come from the fast expansion
+    |q|^2 + |b|^2 - 2 q.b, whose rounding error is large for near-identical vectors
+    (:class:`_CandidateSearch`, blocks of query rows sharing one reused buffer); their distances
+    are then recomputed from direct differences, so a training image scored against itself gets
+    exactly 0, and the k nearest kept, ties to the lower index. ``excluded`` (n_queries,
+    n_base) marks pairs that may not be neighbours.
     """
     n_candidates = min(n_neighbors + 4, base.shape[0])
     dtype = np.result_type(queries.dtype, base.dtype)
@@ -138,12 +128,25 @@ def _nearest_sq_distances(
     search.allocate(step)
     for start in range(0, queries.shape[0], step):
         block = slice(start, start + step)
-        rows = queries[block]
-        candidates = search(rows, None if excluded is None else excluded[block])
-        exact = exact_sq_distances(rows, base, candidates)
+        rows = np.asarray(queries[block], dtype=dtype)
+        row, column = search(rows, None if excluded is None else excluded[block])
+        diff = base[column]
+        np.subtract(diff, rows[row], out=diff)
+        exact = np.einsum("pd,pd->p", diff, diff)
         if excluded is not None:
-            exact[np.take_along_axis(excluded[block], candidates, axis=1)] = np.inf
-        order = np.argsort(exact, axis=1, kind="stable")[:, :n_neighbors]
-        sq_distances[block] = np.take_along_axis(exact, order, axis=1)
-        indices[block] = np.take_along_axis(candidates, order, axis=1)
+            exact[excluded[block][row, column]] = np.inf
+        # Per row, its candidates padded with (inf, n_base) to the longest row's count.
+        counts = np.bincount(row, minlength=rows.shape[0])
+        position = np.arange(row.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        padded = np.full((rows.shape[0], int(counts.max())), np.inf, dtype=exact.dtype)
+        ids = np.full(padded.shape, base.shape[0], dtype=np.int64)
+        padded[row, position] = exact
+        ids[row, position] = column
+        # The k smallest by (distance, index): index order first, then a stable sort.
+        by_index = np.argsort(ids, axis=1)
+        padded = np.take_along_axis(padded, by_index, axis=1)
+        ids = np.take_along_axis(ids, by_index, axis=1)
+        order = np.argsort(padded, axis=1, kind="stable")[:, :n_neighbors]
+        sq_distances[block] = np.take_along_axis(padded, order, axis=1)
+        indices[block] = np.take_along_axis(ids, order, axis=1)
     return sq_distances, indices
