@@ -6,15 +6,16 @@ config/config.yaml's PatchCore parameters (stride-32 grid, 128-d projection, 20 
 exact search), one thread. One run measures:
 
 - the single-thread float32 matmul limit (:func:`matmul_limit.measure_limit`, in a subprocess
-  without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE);
+  without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE), before and after the runs: the larger rate;
 - ``fit``, with the coreset's time, its greedy steps (each one sgemv over the active set, a
   matrix-vector product bound by cache bandwidth, hence also compared with the best rate of
   that sgemv alone, measured here) and its refreshes (matrix products, folding the centres
   selected since the last refresh into every point's distance);
 - ``score`` (maps included) and its parts: patch features (of which the projection), the
-  exact search (its candidate products, the candidate selection, the exact differences) and
-  the rest. The scoring's FLOPs are those of the candidate products, 2 x queries x memory x D
-  (the rest is O(queries x D)): GFLOP/s of the search alone and of the whole scoring.
+  exact search (its candidate products, the candidate selection, the exact differences and
+  the choice of the k nearest) and the rest. The scoring's FLOPs are those of the candidate
+  products, 2 x queries x memory x D (the rest is O(queries x D)): GFLOP/s of the search alone
+  and of the whole scoring.
 
 The machine is shared: compare the fractions within one run. The last line is
 ``scoring_fraction_of_limit: <x>`` (the whole scoring's).
@@ -156,6 +157,10 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         detector.score(test)
         score_s = time.perf_counter() - started
+    # The machine is shared: measure the limit again after the runs and keep the larger rate.
+    after = measure_limit(1, repeats=2 if args.quick else 5)
+    print(f"limit before {limit.gflops:.1f}, after {after.gflops:.1f} GFLOP/s: the larger one")
+    limit = max(limit, after, key=lambda rate: rate.gflops)
     seconds = {label: 0.0 for _, _, label, *_ in targets} | score_timers.seconds
     queries = args.n_test * detector.grid_hw_[0] * detector.grid_hw_[1]
     memory, dim = detector.memory_bank_.shape
@@ -184,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         ("exact search", search_s),
         ("  candidate products (BLAS)", products_s),
         ("  candidate selection (group minima, threshold)", candidates_s - products_s),
-        ("  exact differences", exact_s),
-        ("  rest of the search (sort, gathers)", search_s - candidates_s - exact_s),
+        ("  exact_sq_distances (older code)", exact_s),
+        ("  rest: exact differences, the k nearest", search_s - candidates_s - exact_s),
         ("rest of the scoring", score_s - features_s - search_s),
     ]:
         print(f"  {label:50s} {s:7.3f} s  {s / score_s:6.1%}")
