@@ -73,7 +73,8 @@ class _CandidateSearch:
         self.group_columns = self.n_groups * np.arange(self.per_group)
 
     def rows_for(self, n_queries: int) -> int:
-        budget = int(WORKSPACE_MB * _MB // self.augmented.nbytes * (self.dim + 1))
+        # 8 bytes per buffer entry, as the previous search reserved (float32 values and a copy).
+        budget = int(WORKSPACE_MB * _MB // (self.augmented.shape[0] * 8))
         return max(1, min(_CANDIDATE_ROWS, budget, n_queries))
 
     def allocate(self, n_rows: int) -> None:
