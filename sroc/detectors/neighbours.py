@@ -52,9 +52,10 @@ class _CandidateSearch:
     minimum of each group of columns (c % groups). The ``n_candidates`` smallest values lie in
     the groups whose minimum is at most t, the ``n_candidates``-th smallest minimum (they hold
     at least that many values <= t, and any value elsewhere is >= t): only those groups'
-    columns are read again, and the smallest values <= t kept, ties to the lower index. Exact
-    (the same candidates as a full sort), and no reduction sums across threads: BLAS splits the
-    product by rows and columns, never along the summed axis.
+    columns are read again, and every value <= t is a candidate (about 9.2 per query for
+    n_candidates = 9 at 11,290 x 128). So the candidates include those of a full sort (and
+    its ties), and no reduction sums across threads: BLAS splits the product by rows and
+    columns, never along the summed axis.
     """
 
     def __init__(self, base: np.ndarray, n_candidates: int, dtype):
