@@ -57,6 +57,7 @@ def last_value(stdout: str, key: str) -> float:
         ("fit_cost.py", "default_grid_minutes", 0),
         # The quick data's anomalies are strong: every PatchCore setting must separate them.
         ("patchcore_settings.py", "quick_min_auroc", 0.9),
+        ("patchcore_scoring.py", "scoring_fraction_of_limit", 0),
         pytest.param("detectors.py", "min_ivf_recall", 0, marks=pytest.mark.slow),
         pytest.param("embed_throughput.py", "throughput_ratio", 0, marks=pytest.mark.slow),
     ],
@@ -71,6 +72,7 @@ def test_every_benchmark_has_a_quick_mode_test():
         "matmul_limit.py",
         "fit_cost.py",
         "patchcore_settings.py",
+        "patchcore_scoring.py",
         "detectors.py",
         "embed_throughput.py",
     }

@@ -19,7 +19,7 @@ from test_detectors import (
     ref_patches,
 )
 
-from sroc.detectors import PatchCoreDetector, greedy_coreset_indices, patchcore
+from sroc.detectors import PatchCoreDetector, greedy_coreset_indices, neighbours, patchcore
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,80 @@ def test_greedy_coreset_matches_brute_force_k_center():
         expected.append(chosen)
         current = np.minimum(current, distances[:, chosen])
     assert greedy_coreset_indices(points, 12, starts).tolist() == sorted(expected)
+
+
+@pytest.mark.parametrize("groups, rows", [(256, 256), (4, 7), (1, 1), (50, 64)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_blocked_search_matches_a_full_distance_matrix(groups, rows, masked, monkeypatch):
+    """The blocked candidate search (group minima, threshold, exact differences) against a
+    full distance matrix and a stable sort. Small integer coordinates make every distance
+    exact in float32 and give many ties: they must go to the lower index, as the stable sort's.
+    Few groups and rows exercise the padding, several blocks and rows with many candidates."""
+    monkeypatch.setattr(neighbours, "_GROUPS", groups)
+    monkeypatch.setattr(neighbours, "_CANDIDATE_ROWS", rows)
+    rng = np.random.default_rng(12)
+    base = rng.integers(-3, 4, size=(203, 6)).astype(np.float32)
+    queries = np.concatenate([rng.integers(-3, 4, size=(150, 6)), base[:20]]).astype(np.float32)
+    full = ((queries[:, None, :].astype(np.float64) - base[None]) ** 2).sum(-1)
+    excluded = None
+    if masked:
+        excluded = rng.random(full.shape) < 0.4
+        excluded[0, :-3] = True  # a query with fewer allowed patches than candidates
+        full[excluded] = np.inf
+    for k in (1, 3, 5):
+        sq, ids = neighbours.nearest_sq_distances(queries, base, k, excluded)
+        expected_ids = np.argsort(full, axis=1, kind="stable")[:, :k]
+        expected_sq = np.take_along_axis(full, expected_ids, axis=1)
+        assert np.array_equal(sq, expected_sq)
+        finite = np.isfinite(expected_sq)
+        assert np.array_equal(ids[finite], expected_ids[finite])
+
+
+def test_blocked_search_on_continuous_features_finds_the_nearest():
+    rng = np.random.default_rng(13)
+    base = rng.normal(size=(3000, 16)).astype(np.float32)
+    queries = np.concatenate([rng.normal(size=(600, 16)), base[::100]]).astype(np.float32)
+    sq, ids = neighbours.nearest_sq_distances(queries, base, 5)
+    full = pairwise(queries, base) ** 2
+    expected_ids = np.argsort(full, axis=1, kind="stable")[:, :5]
+    assert np.array_equal(ids, expected_ids)
+    assert_close(sq, np.take_along_axis(full, expected_ids, axis=1), rtol=1e-6, atol=1e-6)
+    assert np.all(sq[600:, 0] == 0)  # a base row finds itself at exactly 0
+
+
+def test_greedy_step_is_the_in_place_form_of_the_plain_update():
+    """One fused step (sgemv into a reused buffer) gives bit for bit the bound of the plain
+    float32 expression max(|p|^2 - 2 p.c + |c|^2, 0) and the plain minimum."""
+    points = np.random.default_rng(14).normal(size=(500, 32)).astype(np.float32)
+    sq_norms = np.einsum("nd,nd->n", points, points)
+    bound = np.full(500, np.inf, dtype=np.float32)
+    bound[7] = 1e9
+    expected = bound.copy()
+    chosen = patchcore._greedy_steps(points, sq_norms, bound, 0.0, 40)
+    plain = []
+    for _ in range(40):
+        best = int(np.argmax(expected))
+        plain.append(best)
+        sq = points @ points[best]
+        sq = np.maximum(sq * np.float32(-2.0) + sq_norms + sq_norms[best], 0.0)
+        expected = np.minimum(expected, sq)
+    assert chosen == plain
+    assert np.array_equal(bound, expected)
+
+
+def test_greedy_coreset_with_refreshes_matches_naive_k_center():
+    """Many active-set refreshes (2000 points, 125 active, 300 steps) against the naive greedy
+    k-center: one full pass over every point per step, float64."""
+    points = np.random.default_rng(15).normal(size=(2000, 8)).astype(np.float32)
+    starts = np.array([3, 500, 1999])
+    p = points.astype(np.float64)
+    current = np.sqrt(((p[:, None, :] - p[starts][None]) ** 2).sum(-1)).mean(1)
+    expected = []
+    for _ in range(300):
+        chosen = int(np.argmax(current))
+        expected.append(chosen)
+        current = np.minimum(current, np.sqrt(((p - p[chosen]) ** 2).sum(-1)))
+    assert greedy_coreset_indices(points, 300, starts).tolist() == sorted(expected)
 
 
 def ref_patchcore_features(features, patch_size, target_dim):
@@ -233,6 +307,8 @@ def test_patchcore_scores_without_maps_equal_those_with(train, test, exclude_sel
         # up to 0.12 here (smaller problems happened to agree).
         (200, {"ivf_train_points_per_list": 256, "n_probes": 2}),
         (100, {"coreset_ratio": 0.1, "projection_dim": 16, "n_lists": 16, "n_probes": 2}),
+        # Exact search: BLAS splits the candidate products between threads, never their sums.
+        (100, {"coreset_ratio": 0.1, "projection_dim": 16, "index": "flat"}),
     ],
 )
 def test_patchcore_results_do_not_depend_on_the_thread_count(n_train, params):

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy.linalg.blas import get_blas_funcs
 from threadpoolctl import threadpool_limits
 
 from sroc.detectors.base import (
@@ -65,8 +66,17 @@ def _greedy_steps(
     points: np.ndarray, sq_norms: np.ndarray, bound: np.ndarray, threshold: float, n_steps: int
 ) -> list[int]:
     """Up to ``n_steps`` greedy k-center steps among ``points`` (rows), updating ``bound`` (their
-    squared distances to the selection) in place, while the maximum stays >= ``threshold``."""
+    squared distances to the selection) in place, while the maximum stays >= ``threshold``.
+
+    Each step is one distance update into one reused buffer: the norms copied in, one BLAS
+    sgemv accumulating -2 p.c onto them, the centre's norm, the clamp at 0 and the running
+    minimum, all in place (the same float32 operations in the same order as
+    ``max(|p|^2 - 2 p.c + |c|^2, 0)``, without a temporary per step)."""
     chosen: list[int] = []
+    gemv = get_blas_funcs("gemv", dtype=points.dtype)
+    # The transpose of the C-ordered points is the column-major operand sgemv takes.
+    columns = points.T
+    sq = np.empty_like(sq_norms)
     # One step is too small to share between threads (measured on 13,680 x 128 points:
     # 0.36 ms on one thread, 2.6 ms on two threads of a busy machine).
     with threadpool_limits(limits=1):
@@ -75,9 +85,8 @@ def _greedy_steps(
             if bound[best] < threshold:
                 break
             chosen.append(best)
-            sq = points @ points[best]
-            sq *= -2.0
-            sq += sq_norms
+            np.copyto(sq, sq_norms)
+            gemv(-2.0, columns, points[best], beta=1.0, y=sq, trans=1, overwrite_y=1)
             sq += sq_norms[best]
             np.maximum(sq, 0.0, out=sq)
             np.minimum(bound, sq, out=bound)
@@ -393,7 +402,7 @@ class PatchCoreDetector(BaseDetector, name="patchcore", label="PatchCore"):
     def _build_index(self, bank: np.ndarray, seed: int):
         """The faiss IVF index of the memory bank, or None for exact search."""
         if self.index == "flat":
-            return None  # exact search runs on the memory bank itself (_exact_ids)
+            return None  # exact search runs on the memory bank itself (_exact_search)
         # Imported here, by the IVF index alone: faiss loads its own BLAS (180 ms, measured),
         # which jobs that only rank, score exactly or use another detector need not pay.
         import faiss
@@ -428,10 +437,13 @@ class PatchCoreDetector(BaseDetector, name="patchcore", label="PatchCore"):
         # faiss does not own the selector: keep it alive alongside the parameters.
         return params, selector
 
-    def _exact_ids(self, queries: np.ndarray, excluded_range: tuple[int, int] | None) -> np.ndarray:
+    def _exact_search(
+        self, queries: np.ndarray, excluded_range: tuple[int, int] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact k nearest memory patches by matrix products (faiss's flat search with an
-        excluded range takes a slow per-pair path): the nearest outside the excluded range are
-        the nearest among those before it and those after it."""
+        excluded range takes a slow per-pair path): (squared distances by direct differences,
+        ids), ascending. The nearest outside the excluded range are the nearest among those
+        before it and those after it."""
         bank = self.memory_bank_
         start, stop = (
             excluded_range if excluded_range is not None else (bank.shape[0], bank.shape[0])
@@ -445,8 +457,10 @@ class PatchCoreDetector(BaseDetector, name="patchcore", label="PatchCore"):
                 sq_parts.append(sq)
                 id_parts.append(ids + low)
         sq, ids = np.concatenate(sq_parts, axis=1), np.concatenate(id_parts, axis=1)
+        if len(sq_parts) == 1:
+            return sq, ids
         nearest = np.argsort(sq, axis=1, kind="stable")[:, : self.n_neighbors]
-        return np.take_along_axis(ids, nearest, axis=1)
+        return np.take_along_axis(sq, nearest, axis=1), np.take_along_axis(ids, nearest, axis=1)
 
     def kneighbors(
         self, queries: np.ndarray, excluded_range: tuple[int, int] | None = None
@@ -458,10 +472,10 @@ class PatchCoreDetector(BaseDetector, name="patchcore", label="PatchCore"):
         IVF found fewer than k patches in its probed cells fall back to exact search.
         """
         if self.index == "flat":
-            ids = self._exact_ids(queries, excluded_range)
-        else:
-            params, _selector = self._search_params(excluded_range)
-            _, ids = self.index_.search(queries, self.n_neighbors, params=params)
+            # Already exact distances by differences, ascending (ties to the lower id).
+            return self._exact_search(queries, excluded_range)
+        params, _selector = self._search_params(excluded_range)
+        _, ids = self.index_.search(queries, self.n_neighbors, params=params)
         missing = (ids < 0).any(axis=1)
         if missing.any():
             excluded = None
