@@ -36,7 +36,7 @@ import yaml
 from scipy.linalg.blas import get_blas_funcs
 from threadpoolctl import threadpool_limits
 
-from sroc.detectors import PatchCoreDetector, neighbours, patchcore
+from sroc.detectors import PatchCoreDetector, coreset, neighbours, patchcore
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> None:
 
     detector = PatchCoreDetector(**params)
     fit_timers = Timers()
-    steps = (patchcore, "_greedy_steps", "steps", lambda a, r: (a[0].shape, len(r)))
-    coreset = (patchcore, "greedy_coreset_indices", "coreset", lambda a, r: (a[0].shape, len(r)))
-    with threadpool_limits(1), fit_timers.wrapped(steps, coreset):
+    steps = (coreset, "greedy_steps", "steps", lambda a, r: (a[0].shape, len(r)))
+    selection = (patchcore, "greedy_coreset_indices", "coreset", lambda a, r: (a[0].shape, len(r)))
+    with threadpool_limits(1), fit_timers.wrapped(steps, selection):
         started = time.perf_counter()
         detector.fit(train)
         fit_s = time.perf_counter() - started

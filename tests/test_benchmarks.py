@@ -98,7 +98,7 @@ def test_detector_specs_read_the_config_list_with_one_thread_by_default():
             {"name": "padim", "type": "padim", "params": {"n_features": 10}, "threads": 2},
         ]
     }
-    assert [(s.name, s.type, s.params, s.threads) for s in fit_cost.detector_specs(config)] == [
+    assert [(s.name, s.type, s.params, s.n_jobs) for s in fit_cost.detector_specs(config)] == [
         ("knn3", "knn", {"n_neighbors": 3}, 1),
         ("padim", "padim", {"n_features": 10}, 2),
     ]
@@ -143,38 +143,53 @@ def test_grid_projection_counts_every_fit_of_a_cell():
             ],
             "n_folds": 4,
             "iterative_steps": 3,
+            "refiner": "mahalanobis",
+            "consensus": ["knn", "padim"],
         },
     }  # fmt: skip
     rng = np.random.default_rng(0)
     n, n_test, n_polluted = 40, 10, 8
     shapes = {"a": (6, 4, 4)}
-    cell = fit_cost.Cell(
+    cell = fit_cost.MeasuredCell(
         "c",
         {"a": rng.random((n, *shapes["a"]), dtype=np.float32)},
         {"a": rng.random((n_test, *shapes["a"]), dtype=np.float32)},
         n_polluted,
         has_masks=False,
     )
-    spec = fit_cost.DetectorSpec("knn", "knn", {}, 1)
+    spec = fit_cost.DetectorSpec("knn", name="knn")
     detector = make_detector("knn").fit(cell.train)
     full_fit = detector.fit_flops(shapes, n)
     tiny = 1e-12  # scoring: nearly free, but a nonzero measured time to scale from
     self_s = 0.5
     cost = fit_cost.Cost(1.0, tiny, tiny, self_s, "", False, full_fit, 1.0, 1.0, 1.0)
-    refiner = fit_cost.Cost(2.0, 0, 0, 3.0, "", False, 1.0, 1.0, 1.0, 1.0)
-    members = [fit_cost.Cost(f, 0, 0, 1.0, "", False, 1.0, 1.0, 1.0, 1.0) for f in (4.0, 5.0)]
-    others = {"by_refiner": [refiner], "consensus": members}
-    seconds, jobs = fit_cost.cell_seconds(spec, detector, cost, cell, config, others)
+    others = {
+        "refiner": fit_cost.Cost(2.0, 0, 0, 3.0, "", False, 1.0, 1.0, 1.0, 1.0),
+        "knn": fit_cost.Cost(4.0, 0, 0, 1.0, "", False, 1.0, 1.0, 1.0, 1.0),
+        "padim": fit_cost.Cost(5.0, 0, 0, 1.0, "", False, 1.0, 1.0, 1.0, 1.0),
+    }
+    refinement = fit_cost.refinement_settings(config)
+    model = fit_cost.MeasuredCost(
+        detector,
+        cost,
+        cell,
+        refinement,
+        fit_cost.refiner_spec(config),
+        fit_cost.consensus_specs(config),
+        others,
+    )
+    seconds, jobs = fit_cost.cell_seconds(spec, model, config)
     fit_sizes = [n] * 3  # robustness curve
     fit_sizes += [n - n / 4] * 4  # cross-validation
     fit_sizes += [n / 4] * 4  # STOC
     fit_sizes += [n - n_polluted]  # oracle
     fit_sizes += [n]  # sroc_loo's leave-one-out model
-    fit_sizes += [n] * 3  # iterative_sroc, at most one fit per step
     fit_sizes += [n, n - n_polluted]  # sroc_auto: its leave-one-out model, then its refit
-    for ratio in (0.25, 0.5):  # one refit per ranked strategy: all but the oracle
+    for ratio in (0.25, 0.5):
+        fit_sizes += [n] * 3  # iterative_sroc ranks for each ratio: one fit per step
+        # One refit per strategy with a ratio curve: all but the oracle and sroc_auto.
         fit_sizes += [round_half_up((1 - ratio) * n)] * 8
-    self_scores = 1 + 1 + 3 + 1  # sroc, sroc_loo, iterative_sroc's steps, sroc_auto
+    self_scores = 1 + 1 + 3 * 2 + 1  # sroc, sroc_loo, iterative_sroc's steps per ratio, sroc_auto
     others_s = (2.0 + 3.0) + (4.0 + 1.0) + (5.0 + 1.0)  # the refiner, the consensus members
     expected = sum(fit_sizes) / n + self_scores * self_s + others_s
     assert seconds == pytest.approx(expected, rel=1e-6)

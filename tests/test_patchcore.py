@@ -19,7 +19,7 @@ from test_detectors import (
     ref_patches,
 )
 
-from sroc.detectors import PatchCoreDetector, greedy_coreset_indices, neighbours, patchcore
+from sroc.detectors import PatchCoreDetector, coreset, greedy_coreset_indices, neighbours, patchcore
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_greedy_step_is_the_in_place_form_of_the_plain_update():
     bound = np.full(500, np.inf, dtype=np.float32)
     bound[7] = 1e9
     expected = bound.copy()
-    chosen = patchcore._greedy_steps(points, sq_norms, bound, 0.0, 40)
+    chosen = coreset.greedy_steps(points, sq_norms, bound, 0.0, 40)
     plain = []
     for _ in range(40):
         best = int(np.argmax(expected))

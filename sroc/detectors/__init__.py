@@ -25,11 +25,12 @@ from sroc.detectors.base import (
     align_stages,
     detector_class,
 )
+from sroc.detectors.coreset import greedy_coreset_indices
 from sroc.detectors.knn import KNNDetector
 from sroc.detectors.linalg import cholesky_factors, ledoit_wolf, whiten
 from sroc.detectors.mahalanobis import MahalanobisDetector
 from sroc.detectors.padim import PaDiMDetector
-from sroc.detectors.patchcore import PatchCoreDetector, greedy_coreset_indices
+from sroc.detectors.patchcore import PatchCoreDetector
 
 __all__ = [
     "DETECTORS",
