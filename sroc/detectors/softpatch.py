@@ -158,7 +158,8 @@ class SoftPatchDetector(PatchCoreDetector, name="softpatch", label="SoftPatch"):
     Parameters
     ----------
     discriminator : "lof" (default, the paper's best), "nearest" or "gaussian".
-    n_neighbors_lof : k of the Local Outlier Factor (6, as published); at most N - 1 is used.
+    n_neighbors_lof : k of the Local Outlier Factor (6, the published command line's default;
+        docs/detectors.md); at most N - 1 is used.
     tau : share of all training patches removed as noise, in [0, 1); 0.15 as published.
     soft_weights : weigh the distances by the matched memory patches' outlier scores.
     Other parameters : as :class:`PatchCoreDetector`.
