@@ -336,6 +336,7 @@ WIDE = {"s1": (6, 4, 12), "s2": (10, 2, 6), "s3": (12, 1, 3)}
         ("mahalanobis", {}),
         ("padim", {"n_features": 20}),
         ("patchcore", {"index": "flat"}),
+        ("softpatch", {"index": "flat"}),
     ],
 )
 def test_detectors_work_on_non_square_grids(name, params):
@@ -608,7 +609,7 @@ def test_padim_memory_budget_error_names_the_numbers_and_the_fix(train, test):
 
 
 def test_registry_and_parameter_errors():
-    assert set(DETECTORS) == {"knn", "mahalanobis", "padim", "patchcore"}
+    assert set(DETECTORS) == {"knn", "mahalanobis", "padim", "patchcore", "softpatch"}
     assert isinstance(make_detector("padim", n_features=3), PaDiMDetector)
     for name in DETECTORS:  # the workflow passes the run seed to every detector
         make_detector(name, random_state=4)
@@ -699,13 +700,14 @@ def test_every_registered_detector_describes_itself(train, test):
         "mahalanobis": "Mahalanobis",
         "padim": "PaDiM",
         "patchcore": "PatchCore",
+        "softpatch": "SoftPatch",
     }
     shapes = {s: a.shape[1:] for s, a in train.items()}
     for name, cls in DETECTORS.items():
         assert cls.name == name
         assert cls.runtime_seconds_per_image > 0
         assert cls.supports_exclude_self and "exclude_self" in cls._get_param_names()
-        assert cls.has_patch_bank == (name == "patchcore")
+        assert cls.has_patch_bank == (name in ("patchcore", "softpatch"))
         assert cls.has_patch_bank == ("excluded_patches" in cls._get_param_names())
         detector = make_detector(name).fit(train)
         for flops in (

@@ -1,12 +1,12 @@
 """Shallow one-class detectors on frozen CNN features (section 3.1 of the SROC paper).
 
-One module per detector (``knn``, ``mahalanobis``, ``padim``, ``patchcore``) on a common base
-(``base``), with the numerical building blocks they share (``linalg``, ``neighbours``). Every
-detector class registers itself in :data:`DETECTORS` under its config type name (see
-:class:`BaseDetector`), so that a class defined elsewhere, e.g. in a plugin file, is built by
-:func:`make_detector` as soon as it is defined. Anomaly maps are returned on the finest grid
-among the stages a detector uses (48x48 for tf_efficientnet_lite2 at 380 px), unsmoothed; the
-evaluation brings them to ground-truth size and smooths them once with
+One module per detector (``knn``, ``mahalanobis``, ``padim``, ``patchcore``, ``softpatch``) on a
+common base (``base``), with the numerical building blocks they share (``linalg``,
+``neighbours``). Every detector class registers itself in :data:`DETECTORS` under its config
+type name (see :class:`BaseDetector`), so that a class defined elsewhere, e.g. in a plugin file,
+is built by :func:`make_detector` as soon as it is defined. Anomaly maps are returned on the
+finest grid among the stages a detector uses (48x48 for tf_efficientnet_lite2 at 380 px),
+unsmoothed; the evaluation brings them to ground-truth size and smooths them once with
 :func:`sroc.geometry.resize_maps` (see docs/detectors.md). ``score(features, maps=False)``
 returns image scores only. :func:`validate_params` checks a config entry's parameters before
 any job runs.
@@ -32,6 +32,9 @@ from sroc.detectors.mahalanobis import MahalanobisDetector
 from sroc.detectors.padim import PaDiMDetector
 from sroc.detectors.patchcore import PatchCoreDetector
 
+# Registered after PatchCore: the registration order is the reports' column order.
+from sroc.detectors.softpatch import SoftPatchDetector
+
 __all__ = [
     "DETECTORS",
     "INTERPRETER_OVERHEAD_MB",
@@ -42,6 +45,7 @@ __all__ = [
     "NotFittedError",
     "PaDiMDetector",
     "PatchCoreDetector",
+    "SoftPatchDetector",
     "align_stages",
     "cholesky_factors",
     "detector_class",

@@ -229,7 +229,7 @@ class PatchCoreDetector(BaseDetector, name="patchcore", label="PatchCore"):
             chunk = {s: a[start : start + IMAGE_CHUNK] for s, a in features.items()}
             patches = self.patch_features(chunk)
             bank[start * locations : start * locations + patches.shape[0]] = patches
-        kept = self._remaining_patches(bank.shape[0])
+        kept = self._allowed_patches(bank)
         if len(kept) < bank.shape[0]:
             bank = bank[kept]
         if self.coreset_ratio is not None and self.coreset_ratio < 1:
@@ -247,6 +247,12 @@ class PatchCoreDetector(BaseDetector, name="patchcore", label="PatchCore"):
             )
         self.memory_bank_ = bank
         self.index_ = self._build_index(bank, int(rng.integers(2**31 - 1)))
+
+    def _allowed_patches(self, bank: np.ndarray) -> np.ndarray:
+        """Rows of the full training bank ``bank`` (image-major, then row-major locations) that
+        may enter the coreset and the memory bank, ascending: those not in ``excluded_patches``.
+        A hook for variants that also filter the patches on their features (SoftPatch)."""
+        return self._remaining_patches(bank.shape[0])
 
     def _remaining_patches(self, n_patches: int) -> np.ndarray:
         """Rows of the full bank (``n_patches`` rows) not in ``excluded_patches``, ascending."""
@@ -413,28 +419,35 @@ class PatchCoreDetector(BaseDetector, name="patchcore", label="PatchCore"):
                 owner = np.repeat(np.arange(start, stop), height * width)
                 memory_owner = np.repeat(np.arange(self.n_train_), np.diff(self.image_offsets_))
                 excluded = owner[:, None] == memory_owner[None, :]
-                sq = nearest_sq_distances(patches, self.memory_bank_, self.n_neighbors, excluded)[0]
+                sq, ids = nearest_sq_distances(
+                    patches, self.memory_bank_, self.n_neighbors, excluded
+                )
             elif self.exclude_self:
                 per_image = patches.reshape(stop - start, height * width, -1)
-                sq = np.stack(
-                    [
-                        self.kneighbors(
-                            per_image[i],
-                            (
-                                int(self.image_offsets_[start + i]),
-                                int(self.image_offsets_[start + i + 1]),
-                            ),
-                        )[0]
-                        for i in range(stop - start)
-                    ]
-                )
+                found = [
+                    self.kneighbors(
+                        per_image[i],
+                        (
+                            int(self.image_offsets_[start + i]),
+                            int(self.image_offsets_[start + i + 1]),
+                        ),
+                    )
+                    for i in range(stop - start)
+                ]
+                sq, ids = np.stack([f[0] for f in found]), np.stack([f[1] for f in found])
             else:
-                sq = self.kneighbors(patches)[0]
-            scores = apply_metric(sq, self.metric).mean(axis=-1).reshape(stop - start, -1)
+                sq, ids = self.kneighbors(patches)
+            scores = self._patch_scores(sq, ids).reshape(stop - start, -1)
             image_scores[start:stop] = scores.max(axis=1)
             if maps:
                 patch_maps[start:stop] = scores.reshape(stop - start, height, width)
         return image_scores, patch_maps
+
+    def _patch_scores(self, sq_distances: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Patch scores (...) from the squared distances (..., k) to the k nearest memory
+        patches, ascending, and those patches' rows ``ids`` (..., k) in ``memory_bank_``: the mean
+        distance. A hook for variants that weigh the memory patches (SoftPatch)."""
+        return apply_metric(sq_distances, self.metric).mean(axis=-1)
 
     def _estimate_state_mb(self, n_train, n_test, shapes):
         # The finest grid bounds grid_stage's; chunks hold the stages' own channels too.
