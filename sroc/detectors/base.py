@@ -229,7 +229,8 @@ class BaseDetector:
       locations) left out of it; patch-level refinement sets it.
 
     Subclasses implement ``_fit(features)``, ``_score(features, maps) -> (scores, maps or
-    None)`` with maps on the finest used grid, ``_estimate_state_mb``, and the FLOP models
+    None)`` with maps on the detector's grid (the finest used stage's, or a coarser
+    ``grid_stage``'s where the detector has one), ``_estimate_state_mb``, and the FLOP models
     :meth:`fit_flops` and :meth:`score_flops`. A subclass that sets ``_chunked = True`` runs
     its kernels single-threaded and parallelises over chunks with :meth:`_run_chunks`;
     otherwise the libraries get ``n_jobs`` threads.
