@@ -2,11 +2,12 @@
 
 One module per detector (``knn``, ``mahalanobis``, ``padim``, ``patchcore``, ``softpatch``) on a
 common base (``base``), with the numerical building blocks they share (``linalg``,
-``neighbours``). Every detector class registers itself in :data:`DETECTORS` under its config
-type name (see :class:`BaseDetector`), so that a class defined elsewhere, e.g. in a plugin file,
-is built by :func:`make_detector` as soon as it is defined. Anomaly maps are returned on the
-detector's grid: the finest among the stages it uses (48x48 for tf_efficientnet_lite2 at 380
-px), or the coarser grid of its ``grid_stage`` (KNN, PatchCore), unsmoothed; the evaluation brings them to ground-truth size and smooths them once with
+``neighbours``, ``coreset``). Every detector class registers itself in :data:`DETECTORS` under
+its config type name (see :class:`BaseDetector`), so that a class defined elsewhere, e.g. in a
+plugin file, is built by :func:`make_detector` as soon as it is defined. Anomaly maps are
+returned on the detector's grid: the finest among the stages it uses (48x48 for
+tf_efficientnet_lite2 at 380 px), or the coarser grid of its ``grid_stage`` (KNN, PatchCore),
+unsmoothed; the evaluation brings them to ground-truth size and smooths them once with
 :func:`sroc.geometry.resize_maps` (see docs/detectors.md). ``score(features, maps=False)``
 returns image scores only. :func:`validate_params` checks a config entry's parameters before
 any job runs.
