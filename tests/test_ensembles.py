@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -17,6 +18,7 @@ from sroc import refinement, strategies
 from sroc.config import DetectorSpec
 from sroc.contamination import estimate_contamination
 from sroc.detectors import make_detector
+from sroc.report import auto_ratio
 from sroc.splits import round_half_up
 
 REPO = Path(__file__).resolve().parents[1]
@@ -357,3 +359,39 @@ def test_a_consensus_ranking_needs_every_member_to_run_it():
         sroc_config.validate_config(config)
     config["refinement"]["consensus_rankings"] = ["ensemble_oob"]  # no capability needed
     sroc_config.validate_config(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def test_auto_ratio_table_holds_each_auto_strategy_against_its_own_ranking():
+    # Three seeds of one category; AUROC by strategy and refinement ratio, +0.01 per seed.
+    fixed = {"sroc_loo": {0.0: 0.80, 0.1: 0.85, 0.2: 0.83},
+             "ensemble_oob": {0.0: 0.80, 0.1: 0.90, 0.2: 0.95}}  # fmt: skip
+    auto = {"sroc_auto": (0.05, 0.82), "ensemble_auto": (0.15, 0.94)}
+    rows = [
+        (strategy, ratio, value) for strategy, curve in fixed.items()
+        for ratio, value in curve.items()
+    ] + [(strategy, ratio, value) for strategy, (ratio, value) in auto.items()]  # fmt: skip
+    runs = pd.DataFrame(
+        [
+            {"detector": "knn", "category": "c", "seed": seed, "strategy": strategy,
+             "refinement_ratio": ratio, "pollution_ratio": 0.2, "image_auroc": value + seed / 100}
+            for seed in range(3)
+            for strategy, ratio, value in rows
+        ]
+    )  # fmt: skip
+    table = auto_ratio.auto_ratio_table(runs).set_index("strategy")
+    assert list(table.index) == ["sroc_auto", "ensemble_auto"]
+    assert table.loc["sroc_auto", "ranking"] == "sroc_loo"
+    assert table.loc["sroc_auto", "best_ratio"] == 0.1
+    assert table.loc["ensemble_auto", "ranking"] == "ensemble_oob"
+    assert table.loc["ensemble_auto", "best_ratio"] == 0.2
+    assert table.loc["ensemble_auto", "auto"] == pytest.approx(0.95)
+    assert table.loc["ensemble_auto", "best"] == pytest.approx(0.96)
+    assert table.loc["ensemble_auto", "difference"] == pytest.approx(-0.01)
+    assert table.loc["sroc_auto", "difference"] == pytest.approx(-0.03)
+    assert table.loc["ensemble_auto", "auto_ratio"] == pytest.approx(0.15)
+    assert table.loc["ensemble_auto", "unrefined"] == pytest.approx(0.81)
+    assert strategies.auto_ratio_strategies() == ["sroc_auto", "ensemble_auto"]
