@@ -386,32 +386,31 @@ def _consensus_cost(model: CellCost) -> float:
     )
 
 
-def _ensemble_out_of_bag(inputs: RankingInputs) -> refinement.OutOfBagScores:
-    n = len(inputs.image_ids)
-    bags = refinement.ensemble_bags(
-        n, inputs.params["n_members"], inputs.params["fraction"], inputs.rng_seed
-    )
-    return refinement.out_of_bag_scores(
-        inputs.features, inputs.image_ids, inputs.detector.factory(), bags
-    )
-
-
 def _ensemble_oob(inputs: RankingInputs) -> refinement.Ranking:
-    return refinement.out_of_bag_ranking(
-        _ensemble_out_of_bag(inputs), inputs.image_ids, inputs.params["aggregate"]
+    return refinement.ensemble_oob_ranking(
+        inputs.features,
+        inputs.image_ids,
+        inputs.detector.factory(),
+        inputs.params["n_members"],
+        inputs.params["fraction"],
+        inputs.params["aggregate"],
+        inputs.rng_seed,
     )
 
 
 def _ensemble_auto(inputs: RankingInputs) -> Selection:
-    out_of_bag = _ensemble_out_of_bag(inputs)
-    ranking = refinement.out_of_bag_ranking(
-        out_of_bag, inputs.image_ids, inputs.params["aggregate"]
-    )
+    # ensemble_oob's ranking, its out-of-bag scores kept for the estimate.
+    n = len(inputs.image_ids)
+    params = inputs.params
+    bags = refinement.ensemble_bags(n, params["n_members"], params["fraction"], inputs.rng_seed)
+    factory = inputs.detector.factory()
+    out_of_bag = refinement.out_of_bag_scores(inputs.features, inputs.image_ids, factory, bags)
+    ranking = refinement.out_of_bag_ranking(out_of_bag, inputs.image_ids, params["aggregate"])
     # The contamination is read off the members' scores in the detector's units (averaged over
     # the members that did not see the image), whose healthy bulk the estimator models: rank
-    # positions are bounded and uniform, with no tail to find.
+    # positions are bounded and near uniform, with no tail to find.
     ratio = estimate_contamination(out_of_bag.mean())
-    return Selection(ranking.order[: refinement.n_removed(len(inputs.image_ids), ratio)], ratio)
+    return Selection(ranking.order[: refinement.n_removed(n, ratio)], ratio)
 
 
 def _oracle(inputs: RankingInputs) -> Selection:
