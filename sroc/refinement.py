@@ -556,18 +556,19 @@ def ensemble_oob_ranking(
     features: Features,
     image_ids: Sequence[str],
     factory: DetectorFactory,
-    n_members: int = 10,
-    fraction: float = 0.2,
-    aggregate: str = "rank",
+    n_members: int,
+    fraction: float,
+    aggregate: str,
     rng_seed: int = 0,
 ) -> Ranking:
     """Sparse memory ensembles, out of bag (MeDS step 1): ``n_members`` detectors, each fitted on
     a random ``fraction`` of the N training images (:func:`ensemble_bags`), each image scored
     only by the members that did not see it, the members' scores aggregated by ``aggregate``
     (:func:`aggregate_out_of_bag`). A sparse member rarely holds all of a group of similar
-    defects, so they stop hiding each other as they do in one model fitted on all N."""
+    defects, so they stop hiding each other as they do in one model fitted on all N. The
+    strategy's defaults are in :data:`sroc.strategies.ENSEMBLE_PARAMS`."""
     n = len(_check_inputs(features, image_ids))
-    if aggregate not in ENSEMBLE_AGGREGATES:
+    if aggregate not in ENSEMBLE_AGGREGATES:  # before the B fits, not after
         raise ValueError(f"aggregate must be one of {ENSEMBLE_AGGREGATES}, got {aggregate!r}")
     bags = ensemble_bags(n, n_members, fraction, rng_seed)
     out_of_bag = out_of_bag_scores(features, image_ids, factory, bags)
