@@ -46,7 +46,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -270,8 +270,8 @@ def _built_caches(args, config: dict) -> list[Path]:
 class MeasuredCost:
     """The :class:`sroc.strategies.CellCost` of one detector on one cell: a fit or scoring of
     another size than the measured one is scaled by its FLOP count; ``others`` holds the measured
-    costs of the detectors that rank for another (the refiner, the consensus members), by
-    spec name."""
+    costs of the detectors that rank for another (the refiner, the consensus members) and those
+    detectors fitted, by spec name."""
 
     detector: object
     cost: Cost
@@ -279,7 +279,7 @@ class MeasuredCost:
     settings: dict
     refiner: DetectorSpec
     consensus: list[DetectorSpec]
-    others: dict[str, Cost]
+    others: dict[str, tuple[Cost, object]]
 
     def __post_init__(self):
         self.shapes = {s: a.shape[1:] for s, a in self.cell.train.items()}
@@ -304,8 +304,12 @@ class MeasuredCost:
         return self.fit(n_fit) + self.score(n_fit, self.n_test, self.cell.has_masks)
 
     def ranking_by(self, spec: DetectorSpec) -> float:
-        other = self.others[spec.name]
+        other, _ = self.others[spec.name]
         return other.fit_s + other.self_s
+
+    def for_detector(self, spec: DetectorSpec) -> "MeasuredCost":
+        cost, detector = self.others[spec.name]
+        return replace(self, detector=detector, cost=cost)
 
 
 def cell_seconds(spec: DetectorSpec, model: MeasuredCost, config: dict) -> tuple[float, int]:
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         overhead = job_overhead_seconds(cell, 1 if args.quick else 2)
         print(f"per-job overhead (python, imports, feature load): {overhead:.2f} s")
-        other_costs = {other.name: measure(other, cell)[0] for other in others}
+        other_costs = {other.name: measure(other, cell) for other in others}
         cell_totals[cell.category] = 0.0
         rows = []
         for spec in specs:

@@ -1,5 +1,5 @@
-"""Rule table_auto_ratio: sroc_auto against the best fixed refinement ratio chosen with
-hindsight."""
+"""Rule table_auto_ratio: the strategies that estimate their refinement ratio (sroc_auto,
+ensemble_auto) against the best fixed ratio of the same ranking chosen with hindsight."""
 
 from sroc import report
 from sroc.io import write_text_atomic

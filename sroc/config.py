@@ -50,6 +50,7 @@ def refinement_defaults() -> dict:
         "iterative_steps": 3,
         "consensus": ["knn", "mahalanobis", "padim"],
         "consensus_params": {},
+        "consensus_rankings": ["sroc_loo"],
         "strategy_params": {},
     }
 
@@ -102,8 +103,7 @@ def consensus_specs(config: Mapping) -> list[DetectorSpec]:
 def strategy_params(config: Mapping, name: str) -> dict:
     """Strategy ``name``'s own parameters: its registry defaults, overridden by
     ``refinement.strategy_params.<name>``."""
-    own = refinement_settings(config)["strategy_params"].get(name) or {}
-    return {**dict(strategies.get(name).params), **own}
+    return strategies.own_params(name, refinement_settings(config)["strategy_params"])
 
 
 def load_config_plugins(config: Mapping) -> None:
@@ -159,11 +159,6 @@ def _validate_strategies(settings: Mapping) -> None:
             strategies.get(name)
         except ValueError as error:
             raise ValueError(f"config refinement.strategies: {error}") from None
-    if "consensus" in settings["strategies"]:
-        for member in settings["consensus"]:
-            strategies.require(
-                frozenset({"exclude_self"}), member, f"config refinement.consensus ({member})"
-            )
     for name, params in settings["strategy_params"].items():
         try:
             known = strategies.get(name).params
@@ -174,6 +169,62 @@ def _validate_strategies(settings: Mapping) -> None:
             raise ValueError(
                 f"config refinement.strategy_params.{name}: strategy {name!r} has no "
                 f"parameter(s) {unknown}; its parameters: {sorted(known)}"
+            )
+    for name in settings["strategies"]:
+        try:
+            strategies.get(name).check_params(
+                strategies.own_params(name, settings["strategy_params"])
+            )
+        except ValueError as error:
+            raise ValueError(f"config refinement.strategy_params.{name}: {error}") from None
+    _validate_consensus_rankings(settings)
+    _validate_auto_ratio_params(settings)
+
+
+def _validate_consensus_rankings(settings: Mapping) -> None:
+    """Each of ``consensus_rankings`` a registered ranked strategy that every consensus member
+    can run."""
+    for name in settings["consensus_rankings"]:
+        try:
+            strategy = strategies.get(name)
+        except ValueError as error:
+            raise ValueError(f"config refinement.consensus_rankings: {error}") from None
+        if strategy.kind != "ranked" or name == "consensus":
+            raise ValueError(
+                f"config refinement.consensus_rankings names {name!r}, a strategy of kind "
+                f"{strategy.kind!r}: a consensus averages rankings computed once per cell, "
+                "name strategies of kind 'ranked' other than consensus (e.g. sroc_loo, "
+                "ensemble_oob)"
+            )
+        if "consensus" not in settings["strategies"]:
+            continue
+        try:
+            strategy.check_params(strategies.own_params(name, settings["strategy_params"]))
+        except ValueError as error:
+            raise ValueError(f"config refinement.strategy_params.{name}: {error}") from None
+        for member in settings["consensus"]:
+            strategies.require(
+                strategy.requires,
+                member,
+                f"config refinement.consensus ({member}) with consensus_rankings {name!r}",
+            )
+
+
+def _validate_auto_ratio_params(settings: Mapping) -> None:
+    """A strategy that estimates its ratio and the ranking it is held against, both run, rank
+    with the same parameters: else the auto_ratio table compares two different rankings."""
+    chosen = settings["strategies"]
+    for name in strategies.auto_ratio_strategies():
+        counterpart = strategies.get(name).auto_ratio_of[0]
+        if name not in chosen or counterpart not in chosen:
+            continue
+        own = strategies.own_params(name, settings["strategy_params"])
+        theirs = strategies.own_params(counterpart, settings["strategy_params"])
+        if own != theirs:
+            raise ValueError(
+                f"config refinement.strategy_params: {name} ranks with {own} but "
+                f"{counterpart}, which the auto_ratio table holds it against, with {theirs}: "
+                f"give strategy_params.{name} and strategy_params.{counterpart} the same values"
             )
 
 

@@ -163,10 +163,16 @@ def test_grid_projection_counts_every_fit_of_a_cell():
     tiny = 1e-12  # scoring: nearly free, but a nonzero measured time to scale from
     self_s = 0.5
     cost = fit_cost.Cost(1.0, tiny, tiny, self_s, "", False, full_fit, 1.0, 1.0, 1.0)
+    members = {m: make_detector(m).fit(cell.train) for m in ("knn", "padim", "mahalanobis")}
+
+    def other(fit_s, self_s, name):  # a measured cost whose FLOPs are the detector's at n
+        flops = members[name].fit_flops(shapes, n)
+        return fit_cost.Cost(fit_s, 0, 0, self_s, "", False, flops, 1.0, 1.0, 1.0), members[name]
+
     others = {
-        "refiner": fit_cost.Cost(2.0, 0, 0, 3.0, "", False, 1.0, 1.0, 1.0, 1.0),
-        "knn": fit_cost.Cost(4.0, 0, 0, 1.0, "", False, 1.0, 1.0, 1.0, 1.0),
-        "padim": fit_cost.Cost(5.0, 0, 0, 1.0, "", False, 1.0, 1.0, 1.0, 1.0),
+        "refiner": other(2.0, 3.0, "mahalanobis"),
+        "knn": other(4.0, 1.0, "knn"),
+        "padim": other(5.0, 1.0, "padim"),
     }
     refinement = fit_cost.refinement_settings(config)
     model = fit_cost.MeasuredCost(

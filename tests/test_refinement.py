@@ -3,12 +3,12 @@ and exact rounding with decimals, on small synthetic features with planted pollu
 
 from __future__ import annotations
 
-import hashlib
 from decimal import ROUND_HALF_UP, Decimal
 
 import numpy as np
 import pandas as pd
 import pytest
+from ranking_references import reference_order, reference_tie_key
 
 from sroc.detectors import make_detector
 from sroc.metrics import refinement_scores
@@ -82,24 +82,6 @@ def polluted_features(seed: int, n: int = N_TRAIN, ratio: float = POLLUTION):
 
 def subset(features, positions):
     return {stage: array[np.sort(positions)] for stage, array in features.items()}
-
-
-def reference_tie_key(image_id, tie_seed=0):
-    """The tie-break of the removal order, written out: keyed BLAKE2b of the file name, then of
-    the whole id (8-byte digests, big-endian integers)."""
-
-    def digest(text):
-        key = int(tie_seed).to_bytes(8, "little", signed=True)
-        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8, key=key).digest())
-
-    return digest(str(image_id).split("/")[-1]), digest(str(image_id))
-
-
-def reference_order(scores, ids, tie_seed=0):
-    """Highest score first, equal scores by the tie key, by Python's sort."""
-    return np.array(
-        sorted(range(len(scores)), key=lambda i: (-scores[i], reference_tie_key(ids[i], tie_seed)))
-    )
 
 
 class Recording:
@@ -678,7 +660,12 @@ def grid_cell(polluted):
         rng_seed=11,
         refiner=mahalanobis,
         consensus=(knn, mahalanobis),
-        settings={"n_folds": 5, "iterative_steps": 3},
+        settings={
+            "n_folds": 5,
+            "iterative_steps": 3,
+            "consensus_rankings": ["sroc_loo"],
+            "strategy_params": {},
+        },
     )
     return cell, setup
 
