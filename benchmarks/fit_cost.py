@@ -268,7 +268,7 @@ def _built_caches(args, config: dict) -> list[Path]:
 
 @dataclass
 class MeasuredCost:
-    """The :class:`sroc.strategies.CellCost` of one detector on one cell: a fit or scoring of
+    """The :class:`sroc.costs.CellCost` of one detector on one cell: a fit or scoring of
     another size than the measured one is scaled by its FLOP count; ``others`` holds the measured
     costs of the detectors that rank for another (the refiner, the consensus members) and those
     detectors fitted, by spec name."""

@@ -161,14 +161,14 @@ def sroc_ranking(
     ``features`` (e.g. the model of the robustness curve at this pollution ratio); it is reused
     instead of fitting a new one. Ties are broken with ``tie_seed`` (:func:`tie_keys`).
     """
-    _check_inputs(features, image_ids)
+    check_inputs(features, image_ids)
     fit_seconds, n_fits = 0.0, 0
     if fitted is None:
-        fitted, fit_seconds = _fit(factory, features)
+        fitted, fit_seconds = fit_timed(factory, features)
         n_fits = 1
     else:
         _check_reusable(fitted, factory(), features)
-    scores, score_seconds = _score(fitted, features)
+    scores, score_seconds = score_timed(fitted, features)
     return Ranking(
         "sroc",
         scores,
@@ -215,7 +215,7 @@ def patch_sroc_ranking(
     the same numbers). :func:`removed_patches` gives the patches a refinement ratio removes; a
     detector fitted with ``excluded_patches=removed_patches(...)`` keeps every other patch.
     """
-    n = len(_check_inputs(features, image_ids))
+    n = len(check_inputs(features, image_ids))
     detector = factory()
     if not type(detector).has_patch_bank or not getattr(detector, "exclude_self", False):
         raise ValueError(
@@ -297,15 +297,17 @@ def cross_validation_ranking(
 ) -> Ranking:
     """Cross-validation (section 4.5): fit on n_folds - 1 folds and score the held-out fold, for
     every fold, so each image is scored once by a model that was not fitted on it."""
-    n = len(_check_inputs(features, image_ids))
+    n = len(check_inputs(features, image_ids))
     folds = fold_assignment(n, n_folds, rng_seed)
     scores = np.empty(n, dtype=np.float64)
     fit_seconds = score_seconds = 0.0
     for fold in range(n_folds):
         held_out = np.flatnonzero(folds == fold)
-        detector, seconds = _fit(factory, _subset(features, np.flatnonzero(folds != fold)))
+        detector, seconds = fit_timed(
+            factory, subset_features(features, np.flatnonzero(folds != fold))
+        )
         fit_seconds += seconds
-        scores[held_out], seconds = _score(detector, _subset(features, held_out))
+        scores[held_out], seconds = score_timed(detector, subset_features(features, held_out))
         score_seconds += seconds
     return Ranking(
         "cross_validation",
@@ -326,14 +328,16 @@ def stoc_ranking(
 ) -> Ranking:
     """STOC-style (section 4.5): fit one model on each fold, score all N images with each of the
     n_folds models and average the scores. Not iterated: the features are frozen."""
-    n = len(_check_inputs(features, image_ids))
+    n = len(check_inputs(features, image_ids))
     folds = fold_assignment(n, n_folds, rng_seed)
     total = np.zeros(n, dtype=np.float64)
     fit_seconds = score_seconds = 0.0
     for fold in range(n_folds):
-        detector, seconds = _fit(factory, _subset(features, np.flatnonzero(folds == fold)))
+        detector, seconds = fit_timed(
+            factory, subset_features(features, np.flatnonzero(folds == fold))
+        )
         fit_seconds += seconds
-        scores, seconds = _score(detector, features)
+        scores, seconds = score_timed(detector, features)
         total += scores
         score_seconds += seconds
     scores = total / n_folds
@@ -363,7 +367,7 @@ def iterative_sroc_ranking(
     an image's score is the one it had when it was removed, or its last one if kept. One step is
     SROC. The ranking depends on ``ratio``: ratios above it continue with the last scores.
     """
-    ids = _check_inputs(features, image_ids)
+    ids = check_inputs(features, image_ids)
     n = len(ids)
     if not isinstance(n_steps, int | np.integer) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
@@ -376,10 +380,10 @@ def iterative_sroc_ranking(
     removed: list[np.ndarray] = []
     fit_seconds = score_seconds = 0.0
     for count in cumulative:
-        kept_features = _subset(features, kept)
-        detector, seconds = _fit(factory, kept_features)
+        kept_features = subset_features(features, kept)
+        detector, seconds = fit_timed(factory, kept_features)
         fit_seconds += seconds
-        scores[kept], seconds = _score(detector, kept_features)
+        scores[kept], seconds = score_timed(detector, kept_features)
         score_seconds += seconds
         step_order = kept[removal_order(scores[kept], ids[kept], tie_seed)]
         n_now = count - (n - len(kept))
@@ -439,7 +443,7 @@ def _check_ids(image_ids: Sequence[str], n: int | None) -> np.ndarray:
     return ids
 
 
-def _check_inputs(features: Features, image_ids: Sequence[str]) -> np.ndarray:
+def check_inputs(features: Features, image_ids: Sequence[str]) -> np.ndarray:
     """The checked ids, after checking that every stage and the ids agree on the number N of
     training images."""
     if not isinstance(features, Mapping) or not features:
@@ -450,187 +454,17 @@ def _check_inputs(features: Features, image_ids: Sequence[str]) -> np.ndarray:
     return _check_ids(image_ids, next(iter(counts.values())))
 
 
-def _subset(features: Features, positions: np.ndarray) -> dict[str, np.ndarray]:
+def subset_features(features: Features, positions: np.ndarray) -> dict[str, np.ndarray]:
     return {stage: array[positions] for stage, array in features.items()}
 
 
-def _fit(factory: DetectorFactory, features: Features) -> tuple[BaseDetector, float]:
+def fit_timed(factory: DetectorFactory, features: Features) -> tuple[BaseDetector, float]:
     start = time.perf_counter()
     detector = factory().fit(features)
     return detector, time.perf_counter() - start
 
 
-def _score(detector: BaseDetector, features: Features) -> tuple[np.ndarray, float]:
+def score_timed(detector: BaseDetector, features: Features) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
     scores, _ = detector.score(features, maps=False)
     return np.asarray(scores, dtype=np.float64), time.perf_counter() - start
-
-
-# --------------------------------------------------------------------------------------------
-# Sparse memory ensembles (MeDS step 1, docs/refinement.md): B detectors, each fitted on a random
-# fraction of the training set, every image scored only by the members that did not see it.
-
-ENSEMBLE_AGGREGATES = ("rank", "zscore")
-
-
-@dataclass(frozen=True)
-class OutOfBagScores:
-    """Member b's score of training image i in ``scores[b, i]`` (B, N) float64, NaN where i is in
-    member b's bag (the member was fitted on it); ``fit_seconds`` and ``score_seconds`` summed
-    over the B members."""
-
-    scores: np.ndarray
-    fit_seconds: float
-    score_seconds: float
-
-    @property
-    def n_members(self) -> int:
-        return len(self.scores)
-
-    def mean(self) -> np.ndarray:
-        """Each image's mean score over the members it is out of bag for (N,): the sparse
-        memories' averaged score, in the detector's own units."""
-        return np.nanmean(self.scores, axis=0)
-
-
-def ensemble_bags(n_train: int, n_members: int, fraction: float, rng_seed: int) -> np.ndarray:
-    """Which images each of ``n_members`` members is fitted on: (B, N) bool, round(fraction N)
-    images a member (halves up, as the splits).
-
-    Every image is left out of at least one member's bag, by construction: the images are first
-    dealt into ``n_members`` groups of sizes differing by at most one (a seeded random partition,
-    :func:`fold_assignment`), and member b draws its bag, uniformly without replacement, from the
-    images outside group b. An image is then in no bag of its own group's member and in each other
-    member's with probability m / (N - |group b|), so it is out of bag for about B (1 - fraction)
-    members. Needs 2 <= round(fraction N) (a detector fits on at least 2 images) and at least
-    2 images out of every bag (N - m >= max group size, at least 2).
-    """
-    if not isinstance(n_members, int | np.integer) or n_members < 2:
-        raise ValueError(f"n_members must be an integer of at least 2, got {n_members!r}")
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must lie in (0, 1), got {fraction!r}")
-    bag_size = round_half_up(fraction * n_train)
-    if bag_size < 2:
-        raise ValueError(
-            f"fraction {fraction} of {n_train} training images gives members of {bag_size} "
-            f"image(s); a detector fits on at least 2: raise fraction to at least "
-            f"{2 / n_train:.3g}"
-        )
-    groups = fold_assignment(n_train, n_members, rng_seed)
-    largest_group = int(np.bincount(groups).max())
-    if bag_size > n_train - max(largest_group, 2):
-        raise ValueError(
-            f"fraction {fraction} of {n_train} training images gives members of {bag_size} "
-            f"images, too many to leave every image out of at least one bag of {n_members} "
-            f"(at most {n_train - max(largest_group, 2)}): lower fraction or raise n_members"
-        )
-    rng = np.random.default_rng([rng_seed, 1])  # independent of the groups' stream
-    bags = np.zeros((n_members, n_train), dtype=bool)
-    for member in range(n_members):
-        bags[member, rng.choice(np.flatnonzero(groups != member), bag_size, replace=False)] = True
-    return bags
-
-
-def out_of_bag_scores(
-    features: Features, image_ids: Sequence[str], factory: DetectorFactory, bags: np.ndarray
-) -> OutOfBagScores:
-    """Fit one detector per row of ``bags`` (B, N) bool on the images it marks, and score with
-    it the images it does not mark (image scores, no maps). ``factory`` must not set
-    ``exclude_self``: the members score images they were not fitted on."""
-    n = len(_check_inputs(features, image_ids))
-    bags = np.asarray(bags, dtype=bool)
-    if bags.ndim != 2 or bags.shape[1] != n:
-        raise ValueError(f"bags must have shape (B, {n}), got {bags.shape}")
-    scores = np.full(bags.shape, np.nan, dtype=np.float64)
-    fit_seconds = score_seconds = 0.0
-    for member, bag in enumerate(bags):
-        try:
-            detector, seconds = _fit(factory, _subset(features, np.flatnonzero(bag)))
-        except ValueError as error:
-            raise ValueError(
-                f"ensemble member {member} could not be fitted on its {int(bag.sum())} of "
-                f"{n} training images ({error}): raise the ensemble's fraction"
-            ) from error
-        fit_seconds += seconds
-        scores[member, ~bag], seconds = _score(detector, _subset(features, np.flatnonzero(~bag)))
-        score_seconds += seconds
-    return OutOfBagScores(scores, fit_seconds, score_seconds)
-
-
-def aggregate_out_of_bag(scores: np.ndarray, aggregate: str) -> np.ndarray:
-    """Each image's ensemble score (N,), higher = more anomalous, from the (B, N) out-of-bag
-    scores (NaN in bag). Each member's scores are first made comparable across members:
-
-    - ``rank``: the image's rank position among the images the member scored, 0 for its lowest
-      score, ties sharing their mean position (every member must score equally many images, as
-      :func:`ensemble_bags` gives: the positions then span the same range);
-    - ``zscore``: the score standardised by the mean and standard deviation of the member's
-      out-of-bag scores (all zero when they are all equal);
-
-    then averaged over the members the image is out of bag for. Rank positions are multiples of
-    one half: their sums are exact, so images with equal mean positions tie exactly and are
-    ordered by id.
-    """
-    if aggregate not in ENSEMBLE_AGGREGATES:
-        raise ValueError(f"aggregate must be one of {ENSEMBLE_AGGREGATES}, got {aggregate!r}")
-    scores = np.asarray(scores, dtype=np.float64)
-    out_of_bag = ~np.isnan(scores)
-    if not out_of_bag.any(axis=0).all():
-        missing = np.flatnonzero(~out_of_bag.any(axis=0))[:10].tolist()
-        raise ValueError(f"images at positions {missing} are in every member's bag")
-    if aggregate == "rank" and len(set(out_of_bag.sum(axis=1))) != 1:
-        raise ValueError(
-            f"the rank aggregate needs every member to score equally many images, got "
-            f"{out_of_bag.sum(axis=1).tolist()}: use aggregate 'zscore'"
-        )
-    comparable = np.full(scores.shape, np.nan)
-    for member, scored in enumerate(out_of_bag):
-        values = scores[member, scored]
-        if aggregate == "rank":
-            ordered = np.sort(values)
-            below = np.searchsorted(ordered, values, side="left")
-            not_above = np.searchsorted(ordered, values, side="right")
-            comparable[member, scored] = (below + not_above - 1) / 2
-        else:
-            spread = values.std()
-            comparable[member, scored] = (values - values.mean()) / spread if spread else 0.0
-    return np.nanmean(comparable, axis=0)
-
-
-def out_of_bag_ranking(
-    out_of_bag: OutOfBagScores, image_ids: Sequence[str], aggregate: str, tie_seed: int = 0
-) -> Ranking:
-    """The ranking of the aggregated out-of-bag scores (:func:`aggregate_out_of_bag`); mean rank
-    positions tie often, broken with ``tie_seed`` (:func:`tie_keys`)."""
-    scores = aggregate_out_of_bag(out_of_bag.scores, aggregate)
-    return Ranking(
-        "ensemble_oob",
-        scores,
-        removal_order(scores, image_ids, tie_seed),
-        out_of_bag.n_members,
-        out_of_bag.fit_seconds,
-        out_of_bag.score_seconds,
-    )
-
-
-def ensemble_oob_ranking(
-    features: Features,
-    image_ids: Sequence[str],
-    factory: DetectorFactory,
-    n_members: int,
-    fraction: float,
-    aggregate: str,
-    rng_seed: int = 0,
-) -> Ranking:
-    """Sparse memory ensembles, out of bag (MeDS step 1): ``n_members`` detectors, each fitted on
-    a random ``fraction`` of the N training images (:func:`ensemble_bags`), each image scored
-    only by the members that did not see it, the members' scores aggregated by ``aggregate``
-    (:func:`aggregate_out_of_bag`). A sparse member rarely holds all of a group of similar
-    defects, so they stop hiding each other as they do in one model fitted on all N. The
-    strategy's defaults are in :data:`sroc.strategies.ENSEMBLE_PARAMS`."""
-    n = len(_check_inputs(features, image_ids))
-    if aggregate not in ENSEMBLE_AGGREGATES:  # before the B fits, not after
-        raise ValueError(f"aggregate must be one of {ENSEMBLE_AGGREGATES}, got {aggregate!r}")
-    bags = ensemble_bags(n, n_members, fraction, rng_seed)
-    out_of_bag = out_of_bag_scores(features, image_ids, factory, bags)
-    return out_of_bag_ranking(out_of_bag, image_ids, aggregate, rng_seed)

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sroc import refinement
+from sroc import ensembles, refinement
 from sroc.contamination import estimate_contamination
+from sroc.costs import CellCost
 from sroc.detectors import detector_class
 from sroc.splits import round_half_up
 
@@ -70,37 +71,6 @@ class Selection:
 
     removed: np.ndarray
     ratio: float
-
-
-class CellCost(Protocol):
-    """Seconds (or any additive unit) of the work in one cell, for resource estimates and
-    benchmarks/fit_cost.py. ``n`` training images at the refined pollution ratio, of which
-    ``n_polluted`` polluted; ``n_test`` test images."""
-
-    n: int
-    n_polluted: int
-    n_test: int
-    settings: Mapping
-    refiner: DetectorSpec
-    consensus: Sequence[DetectorSpec]
-
-    def fit(self, n_fit: float) -> float: ...
-
-    def score(self, n_fit: float, n_score: float) -> float:
-        """Scoring ``n_score`` images without maps against a model fitted on ``n_fit``."""
-
-    def self_score(self) -> float:
-        """Scoring the ``n`` training images against themselves (leave-one-out or not)."""
-
-    def test_run(self, n_fit: float) -> float:
-        """A fit on ``n_fit`` images and the test set's scoring, as the grid's runs do."""
-
-    def ranking_by(self, spec: DetectorSpec) -> float:
-        """Another detector's fit and self-scoring of the training set (refiner, members)."""
-
-    def for_detector(self, spec: DetectorSpec) -> CellCost:
-        """The same cell priced for another detector (a consensus member), so that a member's
-        ranking is priced by that ranking's own ``cost``."""
 
 
 @dataclass(frozen=True)
@@ -257,48 +227,6 @@ def refine_job_cost(strategies: Sequence[str], model: CellCost, ratio: float) ->
     return seconds
 
 
-@dataclass
-class PerImageCost:
-    """A :class:`CellCost` in seconds from each detector class's ``runtime_seconds_per_image``
-    (one fit plus one test scoring, per training image; half each), for the workflow's runtime
-    resource. The test set is taken as large as the training set, an upper bound for a split."""
-
-    detector_type: str
-    n: int
-    settings: Mapping
-    refiner: DetectorSpec
-    consensus: Sequence[DetectorSpec]
-
-    @property
-    def n_polluted(self) -> int:
-        return refinement.n_removed(self.n, float(self.settings["pollution_ratio"]))
-
-    @property
-    def n_test(self) -> int:
-        return self.n
-
-    def _half(self, detector_type: str | None = None) -> float:
-        return detector_class(detector_type or self.detector_type).runtime_seconds_per_image / 2
-
-    def fit(self, n_fit: float) -> float:
-        return self._half() * n_fit
-
-    def score(self, n_fit: float, n_score: float) -> float:
-        return self._half() * n_score
-
-    def self_score(self) -> float:
-        return self.score(self.n, self.n)
-
-    def test_run(self, n_fit: float) -> float:
-        return self.fit(n_fit) + self.score(n_fit, self.n_test)
-
-    def ranking_by(self, spec: DetectorSpec) -> float:
-        return 2 * self._half(spec.type) * self.n
-
-    def for_detector(self, spec: DetectorSpec) -> PerImageCost:
-        return replace(self, detector_type=spec.type)
-
-
 # --------------------------------------------------------------------------------------------
 # The strategies of the paper (section 4.5) and beyond it (docs/refinement.md)
 
@@ -396,7 +324,7 @@ def _consensus_cost(model: CellCost) -> float:
 
 
 def _ensemble_oob(inputs: RankingInputs) -> refinement.Ranking:
-    return refinement.ensemble_oob_ranking(
+    return ensembles.ensemble_oob_ranking(
         inputs.features,
         inputs.image_ids,
         inputs.detector.factory(),
@@ -411,10 +339,10 @@ def _ensemble_auto(inputs: RankingInputs) -> Selection:
     # ensemble_oob's ranking, its out-of-bag scores kept for the estimate.
     n = len(inputs.image_ids)
     params = inputs.params
-    bags = refinement.ensemble_bags(n, params["n_members"], params["fraction"], inputs.rng_seed)
+    bags = ensembles.ensemble_bags(n, params["n_members"], params["fraction"], inputs.rng_seed)
     factory = inputs.detector.factory()
-    out_of_bag = refinement.out_of_bag_scores(inputs.features, inputs.image_ids, factory, bags)
-    ranking = refinement.out_of_bag_ranking(
+    out_of_bag = ensembles.out_of_bag_scores(inputs.features, inputs.image_ids, factory, bags)
+    ranking = ensembles.out_of_bag_ranking(
         out_of_bag, inputs.image_ids, params["aggregate"], inputs.rng_seed
     )
     # The contamination is read off the members' scores in the detector's units (averaged over
@@ -451,9 +379,9 @@ def _check_ensemble_params(params: Mapping) -> None:
         raise ValueError(f"n_members must be an integer of at least 2, got {n_members!r}")
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:
         raise ValueError(f"fraction must be a number in (0, 1), got {fraction!r}")
-    if params["aggregate"] not in refinement.ENSEMBLE_AGGREGATES:
+    if params["aggregate"] not in ensembles.ENSEMBLE_AGGREGATES:
         raise ValueError(
-            f"aggregate must be one of {list(refinement.ENSEMBLE_AGGREGATES)}, got "
+            f"aggregate must be one of {list(ensembles.ENSEMBLE_AGGREGATES)}, got "
             f"{params['aggregate']!r}"
         )
 

@@ -15,7 +15,7 @@ import yaml
 from ranking_references import reference_order
 
 from sroc import config as sroc_config
-from sroc import refinement, strategies
+from sroc import costs, ensembles, refinement, strategies
 from sroc.config import DetectorSpec
 from sroc.contamination import estimate_contamination
 from sroc.detectors import make_detector
@@ -108,23 +108,23 @@ def mean_positions(rankings):
 
 @pytest.mark.parametrize("n, n_members, fraction", [(30, 10, 0.2), (31, 2, 0.3), (12, 12, 0.5)])
 def test_bags_have_round_f_n_images_and_leave_every_image_out_at_least_once(n, n_members, fraction):
-    bags = refinement.ensemble_bags(n, n_members, fraction, rng_seed=5)
+    bags = ensembles.ensemble_bags(n, n_members, fraction, rng_seed=5)
     assert bags.shape == (n_members, n) and bags.dtype == bool
     assert (bags.sum(axis=1) == round_half_up(fraction * n)).all()
     assert (~bags).any(axis=0).all()
-    np.testing.assert_array_equal(bags, refinement.ensemble_bags(n, n_members, fraction, 5))
-    assert not np.array_equal(bags, refinement.ensemble_bags(n, n_members, fraction, 6))
+    np.testing.assert_array_equal(bags, ensembles.ensemble_bags(n, n_members, fraction, 5))
+    assert not np.array_equal(bags, ensembles.ensemble_bags(n, n_members, fraction, 6))
 
 
 def test_bags_refuse_members_too_small_to_fit_or_too_large_to_leave_images_out():
     with pytest.raises(ValueError, match=r"members of 1 image.*raise fraction to at least 0.0667"):
-        refinement.ensemble_bags(30, 10, 0.04, 0)
+        ensembles.ensemble_bags(30, 10, 0.04, 0)
     with pytest.raises(ValueError, match="lower fraction or raise n_members"):
-        refinement.ensemble_bags(30, 2, 0.6, 0)  # groups of 15: at most 15 in a bag
+        ensembles.ensemble_bags(30, 2, 0.6, 0)  # groups of 15: at most 15 in a bag
     with pytest.raises(ValueError, match="n_members must be an integer of at least 2"):
-        refinement.ensemble_bags(30, 1, 0.2, 0)
+        ensembles.ensemble_bags(30, 1, 0.2, 0)
     with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\)"):
-        refinement.ensemble_bags(30, 10, 1.0, 0)
+        ensembles.ensemble_bags(30, 10, 1.0, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def test_out_of_bag_ranking_equals_explicit_fits_scoring_the_images_they_did_not
     inputs = inputs_for(detector_type, features, ids, params=params)
     ranking = strategies.get("ensemble_oob").function(inputs)
 
-    bags = refinement.ensemble_bags(N, 6, 0.3, inputs.rng_seed)
+    bags = ensembles.ensemble_bags(N, 6, 0.3, inputs.rng_seed)
     scores = reference_out_of_bag(detector_type, features, bags)
     expected = reference_aggregate(scores, 6, N, aggregate)
     np.testing.assert_allclose(ranking.scores, expected, rtol=1e-6, atol=1e-9)
@@ -152,7 +152,7 @@ def test_out_of_bag_ranking_equals_explicit_fits_scoring_the_images_they_did_not
     assert ranking.n_fits == 6 and ranking.fit_seconds > 0 and ranking.score_seconds > 0
 
     # The raw out-of-bag scores themselves, member by member, in bag left out.
-    out_of_bag = refinement.out_of_bag_scores(features, ids, inputs.detector.factory(), bags).scores
+    out_of_bag = ensembles.out_of_bag_scores(features, ids, inputs.detector.factory(), bags).scores
     assert np.isnan(out_of_bag[bags]).all()
     for (member, image), value in scores.items():
         assert out_of_bag[member, image] == pytest.approx(value, rel=1e-6)
@@ -176,8 +176,8 @@ def test_members_are_fitted_on_their_bag_and_score_only_the_rest():
             log.append((self.fitted, {position[image.tobytes()] for image in scored["s1"]}))
             return self.detector.score(scored, maps=maps)
 
-    bags = refinement.ensemble_bags(N, 5, 0.2, rng_seed=3)
-    refinement.out_of_bag_scores(features, ids, Recording, bags)
+    bags = ensembles.ensemble_bags(N, 5, 0.2, rng_seed=3)
+    ensembles.out_of_bag_scores(features, ids, Recording, bags)
     assert log == [(set(np.flatnonzero(bag)), set(np.flatnonzero(~bag))) for bag in bags]
 
 
@@ -197,14 +197,14 @@ def test_a_member_too_small_for_the_detector_names_the_fraction():
     features, ids = random_features(seed=2)
     spec = DetectorSpec("knn", {"n_neighbors": 5}, name="knn")
     with pytest.raises(ValueError, match=r"member 0 .* 3 of 30 .*n_neighbors=5.*raise the ensem"):
-        refinement.ensemble_oob_ranking(features, ids, spec.factory(), 10, 0.1, "rank", 0)
+        ensembles.ensemble_oob_ranking(features, ids, spec.factory(), 10, 0.1, "rank", 0)
 
 
 def test_aggregates_are_checked():
     with pytest.raises(ValueError, match=r"aggregate must be one of \('rank', 'zscore'\)"):
-        refinement.aggregate_out_of_bag(np.ones((2, 3)), "mean")
+        ensembles.aggregate_out_of_bag(np.ones((2, 3)), "mean")
     with pytest.raises(ValueError, match=r"positions \[1\] are in every member's bag"):
-        refinement.aggregate_out_of_bag(np.array([[1.0, np.nan, 2], [3, np.nan, 1]]), "rank")
+        ensembles.aggregate_out_of_bag(np.array([[1.0, np.nan, 2], [3, np.nan, 1]]), "rank")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_ensemble_auto_removes_the_estimated_share_of_the_ensemble_ranking():
     inputs = inputs_for("mahalanobis", features, ids)
     selection = strategies.get("ensemble_auto").function(inputs)
 
-    bags = refinement.ensemble_bags(N, 10, 0.2, inputs.rng_seed)
+    bags = ensembles.ensemble_bags(N, 10, 0.2, inputs.rng_seed)
     scores = reference_out_of_bag("mahalanobis", features, bags)
     raw_means = [
         statistics.fmean(s for (_, i), s in scores.items() if i == image) for image in range(N)
@@ -269,7 +269,7 @@ def test_consensus_includes_patchcore_leave_one_out_and_the_ensembles():
     seed = inputs.rng_seed
     rankings = [refinement.sroc_ranking(features, ids, make_loo(m), tie_seed=seed) for m in members]
     rankings += [
-        refinement.ensemble_oob_ranking(features, ids, m.factory(), 4, 0.3, "rank", seed)
+        ensembles.ensemble_oob_ranking(features, ids, m.factory(), 4, 0.3, "rank", seed)
         for m in members
     ]
     positions = mean_positions(rankings)
@@ -289,7 +289,7 @@ def test_costs_count_the_members_fits_and_out_of_bag_scorings():
         **sroc_config.refinement_defaults(),
         "strategy_params": {"ensemble_oob": {"n_members": 4, "fraction": 0.25}},
     }
-    model = strategies.PerImageCost("mahalanobis", 40, settings, spec, [spec])
+    model = costs.PerImageCost("mahalanobis", 40, settings, spec, [spec])
     half = make_detector("mahalanobis").runtime_seconds_per_image / 2
     # 4 members fitted on 10 images, each scoring the other 30.
     assert strategies.get("ensemble_oob").cost(model) == pytest.approx(4 * half * (10 + 30))

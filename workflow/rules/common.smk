@@ -9,6 +9,7 @@ min_version("9.0")
 sys.path.insert(0, str(Path(workflow.basedir)))
 
 from sroc import config as sroc_config  # noqa: E402
+from sroc import costs as sroc_costs  # noqa: E402
 from sroc import strategies  # noqa: E402
 from sroc.backbones import BackboneConfig  # noqa: E402
 from sroc.datasets.layout import list_categories  # noqa: E402
@@ -199,7 +200,7 @@ def detector_runtime(wildcards, input, attempt):
         return 60
     n_images, _ = cache_shapes(input.cache)
     detector = DETECTORS[wildcards.detector]
-    model = strategies.PerImageCost(
+    model = sroc_costs.PerImageCost(
         detector["type"],
         n_images,
         REFINEMENT,
