@@ -395,6 +395,8 @@ def cell_seconds(spec: DetectorSpec, model: MeasuredCost, config: dict) -> CellJ
 
 
 GRID_RULES = ("rank", "refine")
+# What the log of a refine job that adopted staged refits says (scripts/refine.py).
+ADOPTED = "adopted the refits"
 
 
 @dataclass
@@ -446,10 +448,13 @@ def _metadata_jobs(workdir: Path, dataset_dir: Path) -> pd.DataFrame:
             continue
         start, end = jobs.get((rule, log[0]), (math.inf, -math.inf))
         jobs[(rule, log[0])] = (min(start, record["starttime"]), max(end, record["endtime"]))
-    return pd.DataFrame(
-        [{"rule": r, "log": log, "start": s, "end": e} for (r, log), (s, e) in jobs.items()],
-        columns=["rule", "log", "start", "end"],
-    )
+    rows = []
+    for (rule, log), (start, end) in jobs.items():
+        path = workdir / log
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        adopted = rule == "refine" and ADOPTED in text
+        rows.append({"rule": rule, "log": log, "start": start, "end": end, "adopted": adopted})
+    return pd.DataFrame(rows, columns=["rule", "log", "start", "end", "adopted"])
 
 
 LOG_TIME = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
@@ -475,7 +480,8 @@ def _log_jobs(workdir: Path) -> pd.DataFrame:
             elif (found := LOG_FINISHED.match(line)) and found.group(1) in started:
                 job_rule, start = started.pop(found.group(1))
                 rows.append({"rule": job_rule, "log": str(log), "start": start, "end": now})
-    return pd.DataFrame(rows, columns=["rule", "log", "start", "end"])
+    # Which refine jobs adopted staged refits: unknown from Snakemake's log.
+    return pd.DataFrame(rows, columns=["rule", "log", "start", "end"]).assign(adopted=None)
 
 
 def _cores(workdir: Path) -> int | None:
@@ -520,10 +526,12 @@ def print_side_by_side(
     run_cores = measured.cores or cores
     recorded = measured.recorded_runs_s + measured.recorded_rankings_s
     outside = measured.job_seconds - recorded
+    known = jobs["adopted"].dropna()
+    adopted = f" ({int(known.sum())} adopting staged refits)" if len(known) else ""
     rows = [
         ("grid jobs", f"{sum(projected_jobs)} ({projected_jobs[0]} loading the cell, "
          f"{projected_jobs[1]} adopting staged refits)",
-         ", ".join(f"{n} {rule}" for rule, n in sorted(by_rule.items()))),
+         ", ".join(f"{n} {rule}" for rule, n in sorted(by_rule.items())) + adopted),
         ("grid job-minutes", f"{projected_s / 60:.2f}", f"{measured.job_seconds / 60:.2f}"),
         (f"grid minutes on {run_cores} cores", f"{projected_s / run_cores / 60:.2f}",
          f"{measured.span_seconds / 60:.2f} (first grid job's start to last one's end)"),

@@ -237,6 +237,10 @@ def _finished_run(root: Path, dataset: str = "elpv") -> Path:
             "score_seconds": [0.5, 0.5, 0.5],
         }
     ).to_parquet(results / "runs.parquet")
+    (results / "logs" / "refine" / "knn" / "c").mkdir(parents=True)
+    (results / "logs" / "refine" / "knn" / "c" / "seed0-r0.2.log").write_text(
+        "2026-01-01 00:00:00,000 INFO refine: adopted the refits at r=0.2 that the rank job ...\n"
+    )
     scores = results / "scores" / "knn" / "c" / "seed0"
     scores.mkdir(parents=True)
     with h5py.File(scores / "ranked.h5", "w") as file:
@@ -248,6 +252,7 @@ def test_measured_run_reads_the_grid_jobs_and_what_they_recorded(tmp_path):
     measured = fit_cost.measure_run(_finished_run(tmp_path))
     assert sorted(measured.jobs["rule"]) == ["rank", "refine"]
     assert measured.source == "Snakemake metadata" and measured.cores == 2
+    assert measured.jobs.set_index("rule")["adopted"].to_dict() == {"rank": False, "refine": True}
     assert measured.job_seconds == pytest.approx(10.0 + 0.5)
     assert measured.span_seconds == pytest.approx(11.0)
     assert measured.recorded_runs_s == pytest.approx(1.5 + 2.5)  # the r = 0 copy once
@@ -285,7 +290,7 @@ def test_quick_mode_prints_the_projected_and_the_measured_grid_side_by_side(tmp_
     assert completed.returncode == 0, completed.stderr[-4000:]
     out = completed.stdout
     table = out[out.index("## projected and measured grid") :]
-    assert "| grid jobs " in table and "1 rank, 1 refine" in table
+    assert "| grid jobs " in table and "1 rank, 1 refine (1 adopting staged refits)" in table
     row = next(line for line in table.splitlines() if line.startswith("| grid job-minutes"))
     projected, measured = (float(cell) for cell in row.strip("|").split("|")[1:3])
     assert projected > 0 and measured == pytest.approx(10.5 / 60, abs=0.01)
