@@ -71,12 +71,17 @@ def seal(folder, ratio: str, key: str) -> None:
 def adopt(folder, ratio: str, key: str, outputs: dict) -> bool:
     """Move ratio ``ratio``'s staged files to the refine job's ``outputs`` (``scores``,
     ``metrics``) if their key is ``key``; whether it did. Adopted outputs get the current time
-    as their modification time: the refine job made them."""
+    as their modification time: the refine job made them. Staged files of another key, or
+    without one, are removed: no job of these params and inputs could adopt them."""
     staged = paths(folder, ratio)
     try:
-        if staged["key"].read_text() != key:
-            return False
+        found = staged["key"].read_text()
     except OSError:
+        found = None
+    if found != key:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+        _remove_if_empty(folder)
         return False
     for name in ("scores", "metrics"):
         target = Path(outputs[name])
@@ -84,4 +89,13 @@ def adopt(folder, ratio: str, key: str, outputs: dict) -> bool:
         shutil.move(staged[name], target)
         os.utime(target)
     staged["key"].unlink()
+    _remove_if_empty(folder)
     return True
+
+
+def _remove_if_empty(folder) -> None:
+    """Remove the cell's staging folder once its last refine job took its files."""
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
