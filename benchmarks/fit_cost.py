@@ -28,21 +28,40 @@ N scoring N/n_folds for cross-validation, the refiner's and consensus members' o
 self-scores, the single-run strategies' refits); and for every refinement ratio r > 0 one refit
 on the kept images and a test scoring per strategy with a ratio curve. A fit or scoring of another
 size than the measured one is scaled by its FLOP count (the detector class's ``fit_flops`` and
-``score_flops``). Test sets get maps only when the dataset has masks. Every job (one ``rank`` and
-one ``refine`` per ratio r > 0 per cell) adds a measured overhead: a fresh Python, the imports and
-the feature load. Jobs run in parallel on ``--cores``: the grid's wall time is the sum of seconds x
-threads over the cores. The last line is ``default_grid_minutes: <x>``.
+``score_flops``). Test sets get maps only when the dataset has masks. Jobs follow the workflow's
+structure (docs/refinement.md, "The grid and its jobs"): one ``rank`` job per cell, which also
+refits the refinement ratios in order while their projected seconds stay within
+``sroc.experiment.STAGED_REFITS_SECONDS``, and one ``refine`` job per ratio r > 0, which either
+adopts those staged refits or, past the budget, does its own. A job that loads the cell adds a
+measured overhead (a fresh Python, Snakemake's script preamble, the rule script's imports, the
+feature load); an adopting job adds its own (a fresh Python, the preamble, the standard library).
+Jobs run in parallel on ``--cores``: the grid's wall time is the sum of seconds x threads over the
+cores. The last line is ``default_grid_minutes: <x>``.
+
+``--measured`` also reads the finished run under ``--results`` (``<results>/<dataset>``, the
+workflow's ``results_dir``) and prints the projected and the measured grid side by side: its
+``rank`` and ``refine`` jobs, their job-minutes and the grid's wall time (the first grid job's
+start to the last one's end) on the cores the run had. Job timings come from Snakemake's metadata
+in the run's working folder (``.snakemake/metadata``: a job starts when Snakemake marks its
+outputs incomplete and ends at its last output's modification time; the latest job of every
+output, across invocations), or, where there is none, from Snakemake's own logs
+(``.snakemake/log/*.snakemake.log``, to the second). It also gives the job-seconds outside the
+fits and scorings the run recorded (``fit_seconds`` + ``score_seconds`` of runs.parquet, each r = 0
+copy counted once, and of every stored ranking).
 
 The machine is shared: times are noisy, ratios are measured within one run.
 
     .venv/bin/python benchmarks/fit_cost.py --results results
     .venv/bin/python benchmarks/fit_cost.py --data-root ../shared/data --category piped/PA_BDP01_TL
     .venv/bin/python benchmarks/fit_cost.py --quick   # tiny random features, seconds
+    .venv/bin/python benchmarks/fit_cost.py --config config/synthetic.yaml --measured  # with a run
 """
 
 import argparse
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -63,6 +82,7 @@ from sroc.config import (
     refiner_spec,
     validate_config,
 )
+from sroc.experiment import STAGED_REFITS_SECONDS
 from sroc.splits import make_split, n_injected, test_set, training_set
 
 # The sibling module, also when this file is loaded by path rather than run as a script.
@@ -91,6 +111,7 @@ class MeasuredCell:
     has_masks: bool
     cache: Path | None = None
     train_ids: list = field(default_factory=list)
+    test_ids: list = field(default_factory=list)
 
 
 @dataclass
@@ -170,22 +191,44 @@ def measure(spec: DetectorSpec, cell: MeasuredCell, repeats: int = 1):
     return cost, detector
 
 
-def job_overhead_seconds(cell: MeasuredCell, repeats: int = 2) -> float:
-    """Wall time of a fresh Python that imports what a detector job imports and loads the
-    cell's training features (imports only in quick mode, which has no cache)."""
-    load = ""
-    if cell.cache is not None:
-        load = f"load_features({str(cell.cache)!r}, {cell.train_ids!r})"
-    code = (
-        "import sroc.detectors, sroc.metrics, sroc.runs, sroc.splits\n"
-        f"from sroc.feature_cache import load_features\n{load}\n"
-    )
+# What every grid job's Python runs before its work: Snakemake's script preamble, then the rule
+# script's imports (scripts/rank.py, scripts/refine.py).
+PREAMBLE = "import pickle, snakemake.logging, snakemake.iocontainers\n"
+JOB_IMPORTS = (
+    "from sroc import config, experiment, runs\n"
+    "from sroc.logs import rule_logging\n"
+    "from sroc.plugins import load_plugins\n"
+)
+
+
+def _fresh_python_seconds(code: str, repeats: int) -> float:
+    """Best wall time of a fresh Python that runs ``code`` (scripts/ on its path, as Snakemake
+    puts a rule script's folder there)."""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "scripts"), str(REPO)])}
     best = math.inf
     for _ in range(repeats):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True)
+        subprocess.run([sys.executable, "-c", code], check=True, env=environment)
         best = min(best, time.perf_counter() - started)
     return best
+
+
+def job_overhead_seconds(cell: MeasuredCell, repeats: int = 2) -> float:
+    """Wall time of a fresh Python that does what a rank or refine job does before its work:
+    Snakemake's script preamble, the script's imports, and the cell's features (training
+    candidates and test set; imports only in quick mode, which has no cache)."""
+    load = ""
+    if cell.cache is not None:
+        load = f"load_features({str(cell.cache)!r}, {cell.train_ids + cell.test_ids!r})"
+    code = f"{PREAMBLE}{JOB_IMPORTS}from sroc.feature_cache import load_features\n{load}\n"
+    return _fresh_python_seconds(code, repeats)
+
+
+def adopting_job_overhead_seconds(repeats: int = 2) -> float:
+    """Wall time of a refine job that adopts what its rank job staged (scripts/refine.py): a
+    fresh Python, Snakemake's script preamble and scripts/staged_refits.py (checksums and moves
+    not counted: milliseconds)."""
+    return _fresh_python_seconds(f"{PREAMBLE}import staged_refits\n", repeats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +260,7 @@ def _cell_from_cache(cache: Path, config: dict) -> MeasuredCell:
         has_masks=bool((test["mask_path"].fillna("") != "").any()),  # "" where no mask
         cache=cache,
         train_ids=train_ids,
+        test_ids=test_ids,
     )
 
 
@@ -312,9 +356,22 @@ class MeasuredCost:
         return replace(self, detector=detector, cost=cost)
 
 
-def cell_seconds(spec: DetectorSpec, model: MeasuredCost, config: dict) -> tuple[float, int]:
-    """Seconds of one (category, seed, detector) cell of the grid, and its number of jobs: the
-    robustness curve, then every strategy's own work and refits (sroc.strategies)."""
+@dataclass
+class CellJobs:
+    """The projected work of one (category, seed, detector) cell: its seconds of fits and
+    scorings, its jobs that load the cell (the rank job, and the refine jobs of the ratios whose
+    refits it leaves to them) and its refine jobs that adopt what the rank job staged."""
+
+    seconds: float
+    loading_jobs: int
+    adopting_jobs: int
+
+
+def cell_seconds(spec: DetectorSpec, model: MeasuredCost, config: dict) -> CellJobs:
+    """The :class:`CellJobs` of one (category, seed, detector) cell of the grid: the robustness
+    curve, every strategy's own work and refits (sroc.strategies); the rank job stages the
+    refits of the ratios, in order, while their projected seconds stay within
+    sroc.experiment.STAGED_REFITS_SECONDS (scripts/rank.py)."""
     refinement = refinement_settings(config)
     chosen = strategies.strategies_for(spec.type, refinement["strategies"])
     cost = model.cost
@@ -322,10 +379,176 @@ def cell_seconds(spec: DetectorSpec, model: MeasuredCost, config: dict) -> tuple
     ratios = list((config.get("pollution") or {}).get("ratios", [0.0, 0.05, 0.1, 0.15, 0.2]))
     seconds = len(ratios) * (cost.fit_s + measured_test_s)
     seconds += strategies.rank_job_cost(chosen, model)
-    refined = [r for r in refinement["ratios"] if r > 0]
+    refined = [r for r in sorted(refinement["ratios"]) if r > 0] if refinement["strategies"] else []
+    staged, staging = 0.0, True
+    loading, adopting = 1, 0
     for ratio in refined:
-        seconds += strategies.refine_job_cost(chosen, model, ratio)
-    return seconds, 1 + len(refined)
+        ratio_s = strategies.refine_job_cost(chosen, model, ratio)
+        seconds += ratio_s
+        staging = staging and staged + ratio_s <= STAGED_REFITS_SECONDS
+        if staging:
+            staged += ratio_s
+            adopting += 1
+        else:
+            loading += 1
+    return CellJobs(seconds, loading, adopting)
+
+
+# --------------------------------------------------------------------------------------------
+# A finished run, measured
+
+
+GRID_RULES = ("rank", "refine")
+# What the log of a refine job that adopted staged refits says (scripts/refine.py).
+ADOPTED = "adopted the refits"
+
+
+@dataclass
+class MeasuredRun:
+    """The grid jobs of a finished run: per job its rule, start and end (epoch seconds); the
+    seconds of fits and scorings its score files and runs.parquet record; where the timings
+    came from; the cores Snakemake was given (None if no log says)."""
+
+    jobs: pd.DataFrame
+    recorded_runs_s: float
+    recorded_rankings_s: float
+    source: str
+    cores: int | None
+
+    @property
+    def job_seconds(self) -> float:
+        return float((self.jobs["end"] - self.jobs["start"]).sum())
+
+    @property
+    def span_seconds(self) -> float:
+        return float(self.jobs["end"].max() - self.jobs["start"].min())
+
+
+def _workdir(dataset_dir: Path) -> Path:
+    """The folder Snakemake ran in: the nearest one above the results with a .snakemake."""
+    for folder in dataset_dir.resolve().parents:
+        if (folder / ".snakemake").is_dir():
+            return folder
+    raise SystemExit(f"no .snakemake folder above {dataset_dir}: not a finished run's results")
+
+
+def _metadata_jobs(workdir: Path, dataset_dir: Path) -> pd.DataFrame:
+    """Grid jobs from Snakemake's metadata (.snakemake/metadata, one JSON record per output, the
+    latest job that wrote it): a job starts when Snakemake marks its outputs incomplete and ends
+    at its last output's modification time. Outputs of one job share its log."""
+    logs = dataset_dir.resolve() / "logs"
+    jobs = {}
+    for path in (workdir / ".snakemake" / "metadata").rglob("*"):
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        rule, log = record.get("rule"), record.get("log") or []
+        if rule not in GRID_RULES or not log or record.get("starttime") is None:
+            continue
+        if not (workdir / log[0]).resolve().is_relative_to(logs):
+            continue
+        start, end = jobs.get((rule, log[0]), (math.inf, -math.inf))
+        jobs[(rule, log[0])] = (min(start, record["starttime"]), max(end, record["endtime"]))
+    rows = []
+    for (rule, log), (start, end) in jobs.items():
+        path = workdir / log
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        adopted = rule == "refine" and ADOPTED in text
+        rows.append({"rule": rule, "log": log, "start": start, "end": end, "adopted": adopted})
+    return pd.DataFrame(rows, columns=["rule", "log", "start", "end", "adopted"])
+
+
+LOG_TIME = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
+LOG_RULE = re.compile(r"^(?:local)?rule (\w+):$")
+LOG_JOBID = re.compile(r"^\s+jobid: (\d+)$")
+LOG_FINISHED = re.compile(r"^Finished jobid: (\d+)")
+
+
+def _log_jobs(workdir: Path) -> pd.DataFrame:
+    """Grid jobs from Snakemake's own logs (.snakemake/log/*.snakemake.log), to the second: each
+    job's header follows the time it started, its "Finished jobid" line the time it ended."""
+    rows = []
+    for log in sorted((workdir / ".snakemake" / "log").glob("*.snakemake.log")):
+        now, rule, started = None, None, {}
+        for line in log.read_text(errors="replace").splitlines():
+            if found := LOG_TIME.match(line):
+                now = time.mktime(time.strptime(found.group(1), "%a %b %d %H:%M:%S %Y"))
+            elif found := LOG_RULE.match(line):
+                rule = found.group(1)
+            elif (found := LOG_JOBID.match(line)) and rule in GRID_RULES:
+                started[found.group(1)] = (rule, now)
+                rule = None
+            elif (found := LOG_FINISHED.match(line)) and found.group(1) in started:
+                job_rule, start = started.pop(found.group(1))
+                rows.append({"rule": job_rule, "log": str(log), "start": start, "end": now})
+    # Which refine jobs adopted staged refits: unknown from Snakemake's log.
+    return pd.DataFrame(rows, columns=["rule", "log", "start", "end"]).assign(adopted=None)
+
+
+def _cores(workdir: Path) -> int | None:
+    """The cores of the newest Snakemake log ("Provided cores: N")."""
+    for log in sorted((workdir / ".snakemake" / "log").glob("*.snakemake.log"), reverse=True):
+        if found := re.search(r"^Provided cores: (\d+)", log.read_text(errors="replace"), re.M):
+            return int(found.group(1))
+    return None
+
+
+def measure_run(dataset_dir: Path) -> MeasuredRun:
+    """The grid jobs of the finished run whose results are ``dataset_dir``
+    (``<results_dir>/<dataset>``): their timings from Snakemake's metadata, or from its logs
+    where there is no metadata; the seconds of fits and scorings the run recorded."""
+    import h5py
+
+    workdir = _workdir(dataset_dir)
+    jobs, source = _metadata_jobs(workdir, dataset_dir), "Snakemake metadata"
+    if jobs.empty:
+        jobs, source = _log_jobs(workdir), "Snakemake logs (to the second)"
+    if jobs.empty:
+        raise SystemExit(f"no rank or refine job of {dataset_dir} in {workdir / '.snakemake'}")
+    table = pd.read_parquet(dataset_dir / "runs.parquet")
+    # Each strategy's r = 0 row repeats the unrefined run: counted once.
+    copies = table["run"].str.endswith("/r=0") & (table["strategy"] != "none")
+    runs_s = float(table.loc[~copies, ["fit_seconds", "score_seconds"]].to_numpy().sum())
+    rankings_s = 0.0
+    for path in (dataset_dir / "scores").rglob("*.h5"):
+        with h5py.File(path, "r") as scores:
+            for group in scores.get("rankings", {}).values():
+                rankings_s += float(group.attrs.get("fit_seconds", 0.0))
+                rankings_s += float(group.attrs.get("score_seconds", 0.0))
+    return MeasuredRun(jobs, runs_s, rankings_s, source, _cores(workdir))
+
+
+def print_side_by_side(
+    measured: MeasuredRun, projected_s: float, projected_jobs: tuple[int, int], cores: int
+) -> None:
+    """The projected and the measured grid, side by side."""
+    jobs = measured.jobs
+    by_rule = jobs.groupby("rule").size().to_dict()
+    run_cores = measured.cores or cores
+    recorded = measured.recorded_runs_s + measured.recorded_rankings_s
+    outside = measured.job_seconds - recorded
+    known = jobs["adopted"].dropna()
+    adopted = f" ({int(known.sum())} adopting staged refits)" if len(known) else ""
+    rows = [
+        ("grid jobs", f"{sum(projected_jobs)} ({projected_jobs[0]} loading the cell, "
+         f"{projected_jobs[1]} adopting staged refits)",
+         ", ".join(f"{n} {rule}" for rule, n in sorted(by_rule.items())) + adopted),
+        ("grid job-minutes", f"{projected_s / 60:.2f}", f"{measured.job_seconds / 60:.2f}"),
+        (f"grid minutes on {run_cores} cores", f"{projected_s / run_cores / 60:.2f}",
+         f"{measured.span_seconds / 60:.2f} (first grid job's start to last one's end)"),
+    ]  # fmt: skip
+    print(f"\n## projected and measured grid ({measured.source}; {len(jobs)} jobs)")
+    print(pd.DataFrame(rows, columns=["", "projected", "measured"]).to_markdown(index=False))
+    print(
+        f"measured job-seconds outside recorded fits and scorings: {outside:.1f} s of "
+        f"{measured.job_seconds:.1f} s ({outside / measured.job_seconds:.0%}); recorded: "
+        f"{measured.recorded_runs_s:.1f} s in runs.parquet, {measured.recorded_rankings_s:.1f} s "
+        "in the rankings"
+    )
+    print(f"measured_grid_minutes: {measured.span_seconds / 60:.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -337,6 +560,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, default=REPO / "results" / "benchmarks")
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="tiny random features, seconds")
+    parser.add_argument(
+        "--measured",
+        action="store_true",
+        help="also the measured grid of the finished run under --results, beside the projection",
+    )
     parser.add_argument(
         "--repeats", type=int, default=3, help="fit and image-only scoring: best of this many"
     )
@@ -369,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # The detectors that rank for another: the refiner and the consensus members.
     others = [refiner_spec(config), *consensus_specs(config)]
-    cell_totals = {}
+    cell_totals, cell_jobs = {}, {}
     for cell in cells:
         n_train = len(next(iter(cell.train.values())))
         n_test = len(next(iter(cell.test.values())))
@@ -378,9 +606,15 @@ def main(argv: list[str] | None = None) -> None:
             f"images; test maps in the grid: {'yes' if cell.has_masks else 'no (no masks)'}"
         )
         overhead = job_overhead_seconds(cell, 1 if args.quick else 2)
-        print(f"per-job overhead (python, imports, feature load): {overhead:.2f} s")
+        adopting = adopting_job_overhead_seconds(1 if args.quick else 2)
+        print(
+            f"per-job overhead: {overhead:.2f} s for a job that loads the cell (python, "
+            f"Snakemake's preamble, imports, feature load), {adopting:.2f} s for a refine job "
+            "that adopts staged refits"
+        )
         other_costs = {other.name: measure(other, cell) for other in others}
         cell_totals[cell.category] = 0.0
+        cell_jobs[cell.category] = [0, 0]
         rows = []
         for spec in specs:
             try:
@@ -394,8 +628,13 @@ def main(argv: list[str] | None = None) -> None:
             model = MeasuredCost(
                 detector, cost, cell, refinement, others[0], others[1:], other_costs
             )
-            seconds, jobs = cell_seconds(spec, model, config)
-            job_seconds = (seconds + jobs * overhead) * spec.n_jobs
+            jobs = cell_seconds(spec, model, config)
+            seconds = jobs.seconds
+            job_seconds = (
+                seconds + jobs.loading_jobs * overhead + jobs.adopting_jobs * adopting
+            ) * spec.n_jobs
+            cell_jobs[cell.category][0] += jobs.loading_jobs
+            cell_jobs[cell.category][1] += jobs.adopting_jobs
             cell_totals[cell.category] += job_seconds
             rows.append(
                 {
@@ -423,10 +662,17 @@ def main(argv: list[str] | None = None) -> None:
     per_category = np.mean(list(cell_totals.values()))
     if sorted(cell_totals) == sorted(categories):
         total = sum(cell_totals.values()) * len(seeds)
+        n_jobs = np.sum(list(cell_jobs.values()), axis=0) * len(seeds)
         basis = "each category measured"
     else:
         total = per_category * len(categories) * len(seeds)
+        n_jobs = np.mean(list(cell_jobs.values()), axis=0) * len(categories) * len(seeds)
         basis = f"the mean of the measured cell(s) for each of the {len(categories)} categories"
+    if args.measured:
+        dataset_dir = args.results / config["dataset"]["name"]
+        print_side_by_side(
+            measure_run(dataset_dir), total, tuple(int(round(n)) for n in n_jobs), args.cores
+        )
     print(
         f"\ngrid: {len(categories)} categories x {len(seeds)} seeds x {len(specs)} detectors, "
         f"{basis}; {total / 60:.1f} core-minutes over {args.cores} cores (embedding not counted)"

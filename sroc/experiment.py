@@ -36,7 +36,7 @@ from sroc.evaluation import TestEvaluation
 from sroc.feature_cache import input_boxes, load_features
 from sroc.io import atomic_path
 from sroc.plugins import load_plugins
-from sroc.runs import Run, StoredRanking
+from sroc.runs import Run, StoredRanking, read_rankings
 
 log = logging.getLogger(__name__)
 
@@ -421,3 +421,40 @@ class CellJob:
         )
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The refine job's work, and the share of it that the rank job does (docs/refinement.md, "The
+# grid and its jobs")
+
+# A rank job also refits its cell's refinement ratios, one after the other, while the refits it
+# projects stay within this many seconds: cheap refits then cost no process of their own (a
+# fresh Python, the imports and the feature load, about 1-2 s), and expensive ones keep their
+# own job, which runs in parallel with the cell's other ratios.
+STAGED_REFITS_SECONDS = 30.0
+
+
+def refine_job(
+    job: CellJob,
+    setup: RefinementSetup,
+    strategy_names: Sequence[str],
+    ratio: float,
+    ranked_path: str | Path,
+) -> tuple[list[Run], list[dict], list[StoredRanking]]:
+    """What the ``refine`` job at ``ratio`` computes: the per-ratio strategies' rankings, then a
+    refit on what every ranking of ``ranked_path`` (and those) keeps; the runs, their rows and the
+    per-ratio rankings. Nothing for an excluded category."""
+    if job.cell is None:
+        return [], [], []
+    own = per_ratio_rankings(job.cell, setup, strategy_names, ratio)
+    rankings = read_rankings(ranked_path)
+    rankings.update({ranking.strategy: ranking for ranking in own})
+    refitted = refined_runs(job.cell, setup.detector, job.evaluation, rankings, ratio)
+    return refitted, result_rows(refitted, job.evaluation), own
+
+
+def projected_refine_seconds(fitted: Sequence[Run], n_refits: int) -> float:
+    """A refine job's refits, projected from the robustness curve's runs (``strategy`` none) of
+    the rank job: ``n_refits`` times their mean fit and test-scoring seconds."""
+    curve = [run.fit_seconds + run.score_seconds for run in fitted if run.strategy == "none"]
+    return n_refits * float(np.mean(curve)) if curve else 0.0

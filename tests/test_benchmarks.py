@@ -128,9 +128,10 @@ def test_flop_counts_match_torch_flop_counter_for_the_matmul_detectors():
     assert flops == pytest.approx(counter.get_total_flops() + pooling)
 
 
-def test_grid_projection_counts_every_fit_of_a_cell():
+def test_grid_projection_counts_every_fit_of_a_cell(monkeypatch):
     """With fits costing n_fit / N seconds and free scoring, a cell costs the sum of its fit
-    sizes over N, enumerated here from the grid's definition."""
+    sizes over N, enumerated here from the grid's definition; the rank job stages the refits of
+    the ratios, in order, while they fit its budget."""
     config = {
         "pollution": {"ratios": [0.0, 0.1, 0.2]},
         "refinement": {
@@ -184,22 +185,134 @@ def test_grid_projection_counts_every_fit_of_a_cell():
         fit_cost.consensus_specs(config),
         others,
     )
-    seconds, jobs = fit_cost.cell_seconds(spec, model, config)
+    jobs = fit_cost.cell_seconds(spec, model, config)
     fit_sizes = [n] * 3  # robustness curve
     fit_sizes += [n - n / 4] * 4  # cross-validation
     fit_sizes += [n / 4] * 4  # STOC
     fit_sizes += [n - n_polluted]  # oracle
     fit_sizes += [n]  # sroc_loo's leave-one-out model
     fit_sizes += [n, n - n_polluted]  # sroc_auto: its leave-one-out model, then its refit
+    self_scores = 1 + 1 + 1  # sroc, sroc_loo, sroc_auto
+    ratio_s = {}
     for ratio in (0.25, 0.5):
-        fit_sizes += [n] * 3  # iterative_sroc ranks for each ratio: one fit per step
-        # One refit per strategy with a ratio curve: all but the oracle and sroc_auto.
-        fit_sizes += [round_half_up((1 - ratio) * n)] * 8
-    self_scores = 1 + 1 + 3 * 2 + 1  # sroc, sroc_loo, iterative_sroc's steps per ratio, sroc_auto
+        # iterative_sroc ranks at every ratio (at most one fit per step), then one refit per
+        # strategy with a ratio curve: all but the oracle and sroc_auto
+        sizes = [n] * 3 + [round_half_up((1 - ratio) * n)] * 8
+        ratio_s[ratio] = sum(sizes) / n + 3 * self_s
+        fit_sizes += sizes
+        self_scores += 3
     others_s = (2.0 + 3.0) + (4.0 + 1.0) + (5.0 + 1.0)  # the refiner, the consensus members
     expected = sum(fit_sizes) / n + self_scores * self_s + others_s
-    assert seconds == pytest.approx(expected, rel=1e-6)
-    assert jobs == 3  # one rank job and one refine job per ratio > 0
+    assert jobs.seconds == pytest.approx(expected, rel=1e-6)
+    # Both ratios' refits fit the budget: the rank job stages them for the refine jobs.
+    assert sum(ratio_s.values()) <= fit_cost.STAGED_REFITS_SECONDS
+    assert (jobs.loading_jobs, jobs.adopting_jobs) == (1, 2)
+    # A budget for the first ratio only: the second ratio's refine job loads the cell itself.
+    monkeypatch.setattr(fit_cost, "STAGED_REFITS_SECONDS", ratio_s[0.25] * 1.001)
+    jobs = fit_cost.cell_seconds(spec, model, config)
+    assert (jobs.loading_jobs, jobs.adopting_jobs) == (2, 1)
+    assert jobs.seconds == pytest.approx(expected, rel=1e-6)
+
+
+def _finished_run(root: Path, dataset: str = "elpv") -> Path:
+    """A run's folder as the workflow leaves it, with what fit_cost.py --measured reads: two
+    grid jobs in Snakemake's metadata (one output each, as Snakemake writes its records) and its
+    log, runs.parquet (an r = 0 copy among its rows) and a score file with a ranking."""
+    import base64
+    import json
+
+    import h5py
+    import pandas as pd
+
+    results = root / "results" / dataset
+    metadata = root / ".snakemake" / "metadata"
+    metadata.mkdir(parents=True)
+    jobs = [
+        ("rank", "scores/knn/c/seed0/ranked.h5", "logs/rank/knn/c/seed0.log", 100.0, 110.0),
+        ("refine", "scores/knn/c/seed0/refined-r0.2.h5", "logs/refine/knn/c/seed0-r0.2.log",
+         110.5, 111.0),
+        ("embed", "embeddings/c/x.h5", "logs/embed/c.log", 0.0, 90.0),  # not a grid job
+    ]  # fmt: skip
+    for rule, output, log, start, end in jobs:
+        key = f"results/{dataset}/{output}"
+        record = {"rule": rule, "log": [f"results/{dataset}/{log}"], "starttime": start,
+                  "endtime": end}  # fmt: skip
+        name = base64.urlsafe_b64encode(key.encode()).decode()
+        (metadata / name).write_text(json.dumps(record))
+    (root / ".snakemake" / "log").mkdir()
+    (root / ".snakemake" / "log" / "2026-01-01T000000.000000.snakemake.log").write_text(
+        "Provided cores: 2\n"
+    )
+    results.mkdir(parents=True)
+    pd.DataFrame(
+        {
+            "run": ["none/p=0.2", "sroc/r=0", "sroc/r=0.2"],
+            "strategy": ["none", "sroc", "sroc"],
+            "fit_seconds": [1.0, 1.0, 2.0],
+            "score_seconds": [0.5, 0.5, 0.5],
+        }
+    ).to_parquet(results / "runs.parquet")
+    (results / "logs" / "refine" / "knn" / "c").mkdir(parents=True)
+    (results / "logs" / "refine" / "knn" / "c" / "seed0-r0.2.log").write_text(
+        "2026-01-01 00:00:00,000 INFO refine: adopted the refits at r=0.2 that the rank job ...\n"
+    )
+    scores = results / "scores" / "knn" / "c" / "seed0"
+    scores.mkdir(parents=True)
+    with h5py.File(scores / "ranked.h5", "w") as file:
+        file.create_group("rankings/sroc").attrs.update({"fit_seconds": 0.0, "score_seconds": 1.5})
+    return results
+
+
+def test_measured_run_reads_the_grid_jobs_and_what_they_recorded(tmp_path):
+    measured = fit_cost.measure_run(_finished_run(tmp_path))
+    assert sorted(measured.jobs["rule"]) == ["rank", "refine"]
+    assert measured.source == "Snakemake metadata" and measured.cores == 2
+    assert measured.jobs.set_index("rule")["adopted"].to_dict() == {"rank": False, "refine": True}
+    assert measured.job_seconds == pytest.approx(10.0 + 0.5)
+    assert measured.span_seconds == pytest.approx(11.0)
+    assert measured.recorded_runs_s == pytest.approx(1.5 + 2.5)  # the r = 0 copy once
+    assert measured.recorded_rankings_s == pytest.approx(1.5)
+
+
+def test_measured_run_falls_back_on_snakemakes_log(tmp_path):
+    """Without metadata, the job timings come from Snakemake's log, to the second."""
+    results = _finished_run(tmp_path)
+    for record in (tmp_path / ".snakemake" / "metadata").iterdir():
+        record.unlink()
+    (tmp_path / ".snakemake" / "log" / "2026-01-01T000000.000000.snakemake.log").write_text(
+        "Provided cores: 2\n"
+        "[Mon Dec  7 11:34:22 2026]\nlocalrule rank:\n    jobid: 3\n"
+        "[Mon Dec  7 11:34:23 2026]\nlocalrule embed:\n    jobid: 4\n"
+        "[Mon Dec  7 11:34:32 2026]\nFinished jobid: 3 (Rule: rank)\n"
+        "[Mon Dec  7 11:34:33 2026]\nrule refine:\n    jobid: 5\n"
+        "[Mon Dec  7 11:34:35 2026]\nFinished jobid: 5 (Rule: refine)\n"
+        "Finished jobid: 4 (Rule: embed)\n"
+    )
+    measured = fit_cost.measure_run(results)
+    assert measured.source.startswith("Snakemake logs")
+    assert sorted(measured.jobs["rule"]) == ["rank", "refine"]
+    assert measured.job_seconds == 10 + 2 and measured.span_seconds == 13
+
+
+def test_quick_mode_prints_the_projected_and_the_measured_grid_side_by_side(tmp_path):
+    _finished_run(tmp_path)  # config/config.yaml's dataset, elpv
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "fit_cost.py"), "--quick", "--measured",
+         "--results", str(tmp_path / "results"), "--cores", "2"],
+        cwd=REPO, env=environment, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    out = completed.stdout
+    table = out[out.index("## projected and measured grid") :]
+    assert "| grid jobs " in table and "1 rank, 1 refine (1 adopting staged refits)" in table
+    row = next(line for line in table.splitlines() if line.startswith("| grid job-minutes"))
+    projected, measured = (float(cell) for cell in row.strip("|").split("|")[1:3])
+    assert projected > 0 and measured == pytest.approx(10.5 / 60, abs=0.01)
+    assert re.search(r"grid minutes on 2 cores .*\| 0\.18 \(first grid job", table)
+    assert "outside recorded fits and scorings: 5.0 s of 10.5 s (48%)" in table
+    assert last_value(out, "default_grid_minutes") > 0
+    assert "measured_grid_minutes: 0.18" in out
 
 
 def test_image_only_scoring_is_detected_and_other_type_errors_propagate():

@@ -167,3 +167,34 @@ def test_one_core_and_two_cores_give_identical_results(finished, tmp_path):
     workdir, config = finished
     snakemake(tmp_path / "one_core", config, "--cores", "1")
     assert assert_same_results(tmp_path / "one_core", workdir) > 5
+
+
+def test_refine_jobs_adopt_staged_refits_and_compute_the_same_without(finished, tmp_path):
+    """The tiny grid's refits are cheap: its rank jobs stage them and every refine job adopts
+    its own, leaving nothing staged. A refine job that finds nothing staged, or staged files
+    whose key is not its own, computes the same outputs itself."""
+    workdir, config = finished
+    dataset = workdir / "results" / config["dataset"]["name"]
+    refine_logs = sorted((dataset / "logs" / "refine").rglob("*.log"))
+    assert refine_logs and all("adopted the refits" in log.read_text() for log in refine_logs)
+    assert not [path for path in (dataset / "staged").rglob("*") if path.is_file()]
+    assert not list((dataset / "staged").glob("*/*/*"))  # each cell's folder removed
+
+    run = copy_run(workdir, tmp_path / "run")
+    cell = Path("knn", config["dataset"]["categories"][0], "seed0")
+    results = run / "results" / config["dataset"]["name"]
+    for kind, suffix in (("scores", "h5"), ("metrics", "csv")):
+        (results / kind / cell / f"refined-r0.2.{suffix}").unlink()
+    # Stale staging: another ratio's files under this ratio's name, with a key of its own.
+    staged = results / "staged" / cell
+    staged.mkdir(parents=True, exist_ok=True)
+    shutil.copy(results / "scores" / cell / "ranked.h5", staged / "refined-r0.2.h5")
+    shutil.copy(results / "metrics" / cell / "ranked.csv", staged / "refined-r0.2.csv")
+    (staged / "refined-r0.2.key.json").write_text('{"params": "another job"}')
+    plan = planned_jobs(run, config)
+    assert {rule for rule, w in plan if "detector" in w} == {"refine"}
+    snakemake(run, config, "--cores", "1")
+    log = results / "logs" / "refine" / cell.parent / "seed0-r0.2.log"
+    assert "adopted" not in log.read_text()
+    assert not [path for path in staged.rglob("*") if path.is_file()]  # stale files removed
+    assert_same_results(run, workdir)

@@ -13,6 +13,7 @@ from sroc import costs as sroc_costs  # noqa: E402
 from sroc import strategies  # noqa: E402
 from sroc.backbones import BackboneConfig  # noqa: E402
 from sroc.datasets.layout import list_categories  # noqa: E402
+from sroc.experiment import STAGED_REFITS_SECONDS  # noqa: E402
 
 validate(config, schema="../schemas/config.schema.yaml")
 # Plugin files register strategies and detectors; every job loads them again (params.plugins).
@@ -129,6 +130,12 @@ def spec_params(spec):
     }
 
 
+def staged_dir(detector="{detector}", category="{category}", seed="{seed}"):
+    """Where a rank job stages the refits of its cell's refine jobs (scripts/staged_refits.py);
+    each refine job moves its own files out."""
+    return f"{RESULTS}/staged/{detector}/{category}/seed{seed}"
+
+
 def detector_strategies(wildcards):
     """The configured strategies that apply to the job's detector: those whose required
     capabilities the detector class has (sroc.strategies.strategies_for)."""
@@ -137,14 +144,23 @@ def detector_strategies(wildcards):
     )
 
 
+def per_ratio_strategies(wildcards):
+    """The job's strategies that rank in each ratio's refine job (kind ranked_per_ratio)."""
+    return [
+        s
+        for s in detector_strategies(wildcards)
+        if strategies.get(s).kind == "ranked_per_ratio"
+    ]
+
+
 def refinement_setup(wildcards, per_ratio=False):
     """What the job's strategies read (sroc.experiment.RefinementSetup.from_params): only the
     refinement keys they declare, so that a change to another key (a new refinement ratio, a
     refiner no strategy of the job uses) does not re-run the job. ``per_ratio``: only the
     strategies that rank in each ratio's refine job."""
-    chosen = detector_strategies(wildcards)
-    if per_ratio:
-        chosen = [s for s in chosen if strategies.get(s).kind == "ranked_per_ratio"]
+    chosen = (
+        per_ratio_strategies(wildcards) if per_ratio else detector_strategies(wildcards)
+    )
     read = strategies.settings_read(chosen)
     return {
         "detector": detector_spec(wildcards.detector),
@@ -213,6 +229,8 @@ def detector_runtime(wildcards, input, attempt):
     else:
         seconds = len(RATIOS) * model.test_run(n_images)
         seconds += strategies.rank_job_cost(chosen, model)
+        # and the refits it stages for the refine jobs (sroc.experiment)
+        seconds += STAGED_REFITS_SECONDS
     return max(10, int(10 * attempt * seconds / 60))
 
 

@@ -1,7 +1,8 @@
 # The experiment grid (sections 4.3-4.5, Appendix B): per (category, seed, detector) one job
 # fits the robustness curve, ranks the polluted training set with every strategy and fits the
 # oracle; one job per refinement ratio refits on what each ranking keeps; one job collects
-# every row into runs.parquet.
+# every row into runs.parquet. While a cell's refits are cheap, its rank job computes them too and
+# stages them for the refine jobs, which adopt them (scripts/staged_refits.py).
 
 
 rule rank:
@@ -28,6 +29,11 @@ rule rank:
         unrefined_rows=0.0 in REFINEMENT["ratios"],
         evaluation=EVALUATION,
         input_size=BACKBONE.input_size,
+        # What the refine jobs read, for the refits this job stages (not the ratios: a new one
+        # must not re-run this job; the script reads them from the config).
+        refine_setup=lambda wildcards: refinement_setup(wildcards, per_ratio=True),
+        refine_strategies=per_ratio_strategies,
+        staged=staged_dir(),
     script:
         "../../scripts/rank.py"
 
@@ -51,15 +57,12 @@ rule refine:
         runtime=detector_runtime,
     params:
         setup=lambda wildcards: refinement_setup(wildcards, per_ratio=True),
-        strategies=lambda wildcards: [
-            s
-            for s in detector_strategies(wildcards)
-            if strategies.get(s).kind == "ranked_per_ratio"
-        ],
+        strategies=per_ratio_strategies,
         ratio=lambda wildcards: float(wildcards.ratio),
         plugins=PLUGINS,
         evaluation=EVALUATION,
         input_size=BACKBONE.input_size,
+        staged=staged_dir(),
     script:
         "../../scripts/refine.py"
 
