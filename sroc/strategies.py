@@ -267,22 +267,22 @@ def _by_refiner(inputs: RankingInputs) -> refinement.Ranking:
     )
 
 
-def _sroc_loo(inputs: RankingInputs) -> refinement.Ranking:
-    return refinement.sroc_ranking(
-        inputs.features,
-        inputs.image_ids,
-        inputs.detector.factory(exclude_self=True),
-        tie_seed=inputs.rng_seed,
-    )
+def _leave_one_out(ranking: Callable) -> Callable[[RankingInputs], refinement.Ranking]:
+    """A strategy function for a self-scoring ranking of sroc.refinement whose detector scores
+    each training image without it (``exclude_self``): ``sroc_loo``, ``patch_sroc``."""
+
+    def rank(inputs: RankingInputs) -> refinement.Ranking:
+        return ranking(
+            inputs.features,
+            inputs.image_ids,
+            inputs.detector.factory(exclude_self=True),
+            tie_seed=inputs.rng_seed,
+        )
+
+    return rank
 
 
-def _patch_sroc(inputs: RankingInputs) -> refinement.Ranking:
-    return refinement.patch_sroc_ranking(
-        inputs.features,
-        inputs.image_ids,
-        inputs.detector.factory(exclude_self=True),
-        tie_seed=inputs.rng_seed,
-    )
+_sroc_loo = _leave_one_out(refinement.sroc_ranking)
 
 
 def _iterative_sroc(inputs: RankingInputs, ratio: float) -> refinement.Ranking:
@@ -526,7 +526,7 @@ register(
         name="patch_sroc",
         label="SROC, patch-level",
         kind="patch",
-        function=_patch_sroc,
+        function=_leave_one_out(refinement.patch_sroc_ranking),
         cost=lambda m: m.fit(m.n) + m.self_score(),
         requires=frozenset({"exclude_self", "patch_bank"}),
     )
