@@ -58,6 +58,9 @@ def last_value(stdout: str, key: str) -> float:
         # The quick data's anomalies are strong: every PatchCore setting must separate them.
         ("patchcore_settings.py", "quick_min_auroc", 0.9),
         ("patchcore_scoring.py", "scoring_fraction_of_limit", 0),
+        # A tight group of defects that hides itself from KNN fitted on all: a sparse member
+        # (f = 0.1) leaves most of the group out, so the out-of-bag ranking finds it.
+        ("ensemble_fraction.py", "best_f1", 0.5),
         pytest.param("detectors.py", "min_ivf_recall", 0, marks=pytest.mark.slow),
         pytest.param("embed_throughput.py", "throughput_ratio", 0, marks=pytest.mark.slow),
     ],

@@ -111,7 +111,8 @@ def test_shared_configs_plan_the_recovery_measurement(tmp_path, overlay, cells):
     root = Path(config["dataset"]["folder"]["root"])
     config["dataset"]["folder"]["root"] = str((REPO / root).resolve())
     jobs = planned_jobs(snakemake(tmp_path, config, "--dry-run").stdout)
-    assert jobs["rank"] == cells and jobs["refine"] == 3 * cells
+    n_refined = sum(1 for r in config["refinement"]["ratios"] if r > 0)  # piped 1, magnetic_tile 2
+    assert jobs["rank"] == cells and jobs["refine"] == n_refined * cells
     assert jobs["table_recovery"] == 1 and jobs["table_auto_ratio"] == 1
 
 
