@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -41,6 +40,7 @@ from sroc import ensembles, refinement, strategies  # noqa: E402
 from sroc.config import (  # noqa: E402
     detector_specs,
     load_config_plugins,
+    read_layered,
     refinement_settings,
     strategy_params,
 )
@@ -49,23 +49,6 @@ from sroc.metrics import image_auroc  # noqa: E402
 from sroc.splits import n_injected, read_manifest  # noqa: E402
 
 DEFAULT_FRACTIONS = [0.1, 0.2, 0.3, 0.5]
-
-
-def merged_config(paths: list[Path]) -> dict:
-    """The config files layered as Snakemake's ``--configfile`` does: config/config.yaml first,
-    each later file's sections merged into the earlier ones', lists and values replaced."""
-
-    def merge(base: dict, layer: dict) -> dict:
-        merged = dict(base)
-        for key, value in layer.items():
-            both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
-            merged[key] = merge(merged[key], value) if both_dicts else value
-        return merged
-
-    config: dict = {}
-    for path in [REPO / "config" / "config.yaml", *paths]:
-        config = merge(config, yaml.safe_load(path.read_text()) or {})
-    return config
 
 
 class SyntheticCell:
@@ -222,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="synthetic features: seconds")
     args = parser.parse_args(argv)
 
-    config = merged_config(args.config)
+    config = read_layered([REPO / "config" / "config.yaml", *args.config])
     load_config_plugins(config)
     ratio = refinement_settings(config)["pollution_ratio"]
     n_members = args.members or strategy_params(config, "ensemble_oob")["n_members"]

@@ -55,6 +55,8 @@ The machine is shared: times are noisy, ratios are measured within one run.
     .venv/bin/python benchmarks/fit_cost.py --data-root ../shared/data --category piped/PA_BDP01_TL
     .venv/bin/python benchmarks/fit_cost.py --quick   # tiny random features, seconds
     .venv/bin/python benchmarks/fit_cost.py --config config/synthetic.yaml --measured  # with a run
+    .venv/bin/python benchmarks/fit_cost.py --results results \
+        --config config/shared.yaml config/shared_magnetic_tile.yaml  # layered, as --configfile
 """
 
 import argparse
@@ -70,7 +72,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from sroc import strategies
 from sroc.config import (
@@ -78,6 +79,7 @@ from sroc.config import (
     consensus_specs,
     detector_specs,
     load_config_plugins,
+    read_layered,
     refinement_settings,
     refiner_spec,
     validate_config,
@@ -553,7 +555,13 @@ def print_side_by_side(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        nargs="+",
+        default=[DEFAULT_CONFIG],
+        help="config files, each later one layered over the earlier ones (--configfile A B)",
+    )
     parser.add_argument("--results", type=Path, default=REPO / "results")
     parser.add_argument("--data-root", type=Path, help="measure these categories instead")
     parser.add_argument("--category", nargs="+", default=["piped/PA_BDP01_TL"])
@@ -569,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
         "--repeats", type=int, default=3, help="fit and image-only scoring: best of this many"
     )
     args = parser.parse_args(argv)
-    config = yaml.safe_load(args.config.read_text())
+    config = read_layered(args.config)
     load_config_plugins(config)
     validate_config(config)
     specs = detector_specs(config)
@@ -585,9 +593,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         cells = [_cell_from_cache(cache, config) for cache in caches]
     print(
-        f"config {args.config}: detectors {[s.name for s in specs]}, {len(categories)} "
-        f"categories, seeds {list(seeds)}; load average {os.getloadavg()[0]:.1f} on "
-        f"{os.cpu_count()} CPUs (a shared machine: times are noisy)"
+        f"config {' + '.join(map(str, args.config))}: detectors {[s.name for s in specs]}, "
+        f"{len(categories)} categories, seeds {list(seeds)}; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared machine: times are noisy)"
     )
     limits = {
         t: measure_limit(t, repeats=2 if args.quick else 5) for t in {s.n_jobs for s in specs}

@@ -10,8 +10,11 @@ that are registered) and how a config entry becomes a :class:`DetectorSpec`. The
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
 
 from sroc import strategies
 from sroc.detectors import BaseDetector, detector_class, make_detector, validate_params
@@ -98,6 +101,25 @@ def consensus_specs(config: Mapping) -> list[DetectorSpec]:
         )
         for member in settings["consensus"]
     ]
+
+
+def layered(base: Mapping, overlay: Mapping) -> dict:
+    """``overlay`` over ``base`` as Snakemake's ``--configfile`` layers config files: mappings
+    merged key by key, lists and values replaced."""
+    out = dict(base)
+    for key, value in overlay.items():
+        both_mappings = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = layered(out[key], value) if both_mappings else value
+    return out
+
+
+def read_layered(paths: Sequence[str | Path]) -> dict:
+    """The config files ``paths``, each later one layered over the earlier ones (:func:`layered`),
+    as ``snakemake --configfile A B`` layers them over the workflow's config."""
+    config: dict = {}
+    for path in paths:
+        config = layered(config, yaml.safe_load(Path(path).read_text()) or {})
+    return config
 
 
 def strategy_params(config: Mapping, name: str) -> dict:

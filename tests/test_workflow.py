@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from sroc.config import layered
 from sroc.detectors import detector_class
 from sroc.strategies import is_single_run, strategies_for
 
@@ -90,15 +91,6 @@ def test_invalid_config_is_refused_with_the_key_named(tmp_path):
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def merged(base: dict, overlay: dict) -> dict:
-    """``overlay`` over ``base`` as --configfile layers them: mappings merged, the rest replaced."""
-    out = dict(base)
-    for key, value in overlay.items():
-        both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = merged(out[key], value) if both_dicts else value
-    return out
-
-
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
 # Cells: categories x seeds x 5 detectors (the paper's four and SoftPatch).
 @pytest.mark.parametrize("overlay, cells", [(None, 12 * 5 * 5), ("shared_magnetic_tile", 5 * 5)])
@@ -107,13 +99,37 @@ def test_shared_configs_plan_the_recovery_measurement(tmp_path, overlay, cells):
     auto-ratio outputs on the data with masks."""
     config = yaml.safe_load((REPO / "config" / "shared.yaml").read_text())
     if overlay:
-        config = merged(config, yaml.safe_load((REPO / "config" / f"{overlay}.yaml").read_text()))
+        config = layered(config, yaml.safe_load((REPO / "config" / f"{overlay}.yaml").read_text()))
     root = Path(config["dataset"]["folder"]["root"])
     config["dataset"]["folder"]["root"] = str((REPO / root).resolve())
     jobs = planned_jobs(snakemake(tmp_path, config, "--dry-run").stdout)
     n_refined = sum(1 for r in config["refinement"]["ratios"] if r > 0)  # piped 1, magnetic_tile 2
     assert jobs["rank"] == cells and jobs["refine"] == n_refined * cells
     assert jobs["table_recovery"] == 1 and jobs["table_auto_ratio"] == 1
+
+
+def test_layered_configs_merge_as_snakemake_configfile_does():
+    """sroc.config.layered against Snakemake's own update_config, on the shared configs and on
+    edge cases: a mapping replacing a value, a value replacing a mapping, a new nested key."""
+    import copy
+
+    from snakemake.utils import update_config
+
+    shared = yaml.safe_load((REPO / "config" / "shared.yaml").read_text())
+    tile = yaml.safe_load((REPO / "config" / "shared_magnetic_tile.yaml").read_text())
+    cases = [
+        (shared, tile),
+        ({"a": 1, "b": {"c": [1, 2], "d": 2}}, {"a": {"x": 1}, "b": {"c": [3]}, "e": {"f": 1}}),
+        ({"a": {"x": 1}, "b": {"c": {"d": 1, "e": 2}}}, {"a": 5, "b": {"c": {"e": 3}}}),
+    ]
+    for base, overlay in cases:
+        expected = copy.deepcopy(base)
+        update_config(expected, copy.deepcopy(overlay))
+        assert layered(base, overlay) == expected
+    merged = layered(shared, tile)
+    assert merged["refinement"]["ratios"] == [0.0, 0.2, 0.3]  # a list: replaced
+    assert merged["refinement"]["strategies"] == shared["refinement"]["strategies"]  # kept
+    assert merged["refinement"]["consensus_params"]["padim"] == {"n_features": 100}  # merged
 
 
 @pytest.fixture(scope="module")
