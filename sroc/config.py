@@ -156,6 +156,8 @@ def validate_config(config: Mapping) -> None:
     for member in settings["consensus"]:
         detector_class_named(member, "config refinement.consensus")
     for member, params in settings["consensus_params"].items():
+        if params is None:  # cleared by a layered config file
+            continue
         if member not in settings["consensus"]:
             raise ValueError(
                 f"config refinement.consensus_params names {member!r}, which is not in "

@@ -365,6 +365,17 @@ def test_a_consensus_ranking_needs_every_member_to_run_it():
     sroc_config.validate_config(config)
 
 
+def test_consensus_params_of_a_non_member_are_an_error_unless_cleared():
+    config = synthetic_config(consensus=["knn", "mahalanobis"])
+    config["refinement"]["consensus_params"] = {"patchcore": {"coreset_ratio": 0.1}}
+    with pytest.raises(ValueError, match=r"consensus_params names 'patchcore', which is not in"):
+        sroc_config.validate_config(config)
+    # A layered config file cannot remove the key: null clears it.
+    config["refinement"]["consensus_params"] = {"patchcore": None}
+    sroc_config.validate_config(config)
+    assert [spec.params for spec in sroc_config.consensus_specs(config)] == [{}, {}]
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 

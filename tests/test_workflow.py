@@ -129,7 +129,7 @@ def test_layered_configs_merge_as_snakemake_configfile_does():
     merged = layered(shared, tile)
     assert merged["refinement"]["ratios"] == [0.0, 0.2, 0.3]  # a list: replaced
     assert merged["refinement"]["strategies"] == shared["refinement"]["strategies"]  # kept
-    assert merged["refinement"]["consensus_params"] == shared["refinement"]["consensus_params"]
+    assert merged["refinement"]["consensus_params"]["padim"] == {"n_features": 100}  # merged
 
 
 @pytest.fixture(scope="module")
