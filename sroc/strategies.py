@@ -62,6 +62,9 @@ class RankingInputs:
     settings: Mapping
     params: Mapping
     rng_seed: int
+    # The results of the cell's costly rankings, shared by every strategy of one job (the
+    # inputs a job derives with dataclasses.replace hold the same dict): see _computed_once.
+    computed: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -267,16 +270,42 @@ def _by_refiner(inputs: RankingInputs) -> refinement.Ranking:
     )
 
 
+def _computed_once(inputs: RankingInputs, what: str, compute: Callable, *key) -> object:
+    """``compute()``, or its result from earlier in this job for the same computation ``what``
+    and ``key``, detector, features and seed: ``sroc_auto`` cuts ``sroc_loo``'s ranking,
+    ``ensemble_auto`` reads ``ensemble_oob``'s out-of-bag scores, and a consensus member of the
+    job's own detector type and parameters ranks as the job's strategy does. Every computation
+    kept here is deterministic, so a result reused is the one a repeat would give."""
+    detector = inputs.detector  # its name is a label: two names of one setting compute alike
+    full_key = (
+        what,
+        detector.type,
+        repr(sorted(dict(detector.params).items())),
+        detector.random_state,
+        detector.n_jobs,
+        id(inputs.features),
+        inputs.rng_seed,
+        *key,
+    )
+    if full_key not in inputs.computed:
+        inputs.computed[full_key] = compute()
+    return inputs.computed[full_key]
+
+
 def _leave_one_out(ranking: Callable) -> Callable[[RankingInputs], refinement.Ranking]:
     """A strategy function for a self-scoring ranking of sroc.refinement whose detector scores
     each training image without it (``exclude_self``): ``sroc_loo``, ``patch_sroc``."""
 
     def rank(inputs: RankingInputs) -> refinement.Ranking:
-        return ranking(
-            inputs.features,
-            inputs.image_ids,
-            inputs.detector.factory(exclude_self=True),
-            tie_seed=inputs.rng_seed,
+        return _computed_once(
+            inputs,
+            f"leave-one-out {ranking.__name__}",
+            lambda: ranking(
+                inputs.features,
+                inputs.image_ids,
+                inputs.detector.factory(exclude_self=True),
+                tie_seed=inputs.rng_seed,
+            ),
         )
 
     return rank
@@ -323,32 +352,34 @@ def _consensus_cost(model: CellCost) -> float:
     )
 
 
+def _out_of_bag(inputs: RankingInputs) -> ensembles.OutOfBagScores:
+    """The sparse ensembles' out-of-bag scores of the cell (``ensemble_oob_ranking``'s first
+    steps), computed once per job for ``ensemble_oob``, ``ensemble_auto`` and the consensus."""
+    n_members, fraction = inputs.params["n_members"], inputs.params["fraction"]
+
+    def compute() -> ensembles.OutOfBagScores:
+        n = len(inputs.image_ids)
+        bags = ensembles.ensemble_bags(n, n_members, fraction, inputs.rng_seed)
+        factory = inputs.detector.factory()
+        return ensembles.out_of_bag_scores(inputs.features, inputs.image_ids, factory, bags)
+
+    return _computed_once(inputs, "out of bag", compute, n_members, fraction)
+
+
 def _ensemble_oob(inputs: RankingInputs) -> refinement.Ranking:
-    return ensembles.ensemble_oob_ranking(
-        inputs.features,
-        inputs.image_ids,
-        inputs.detector.factory(),
-        inputs.params["n_members"],
-        inputs.params["fraction"],
-        inputs.params["aggregate"],
-        inputs.rng_seed,
+    return ensembles.out_of_bag_ranking(
+        _out_of_bag(inputs), inputs.image_ids, inputs.params["aggregate"], inputs.rng_seed
     )
 
 
 def _ensemble_auto(inputs: RankingInputs) -> Selection:
     # ensemble_oob's ranking, its out-of-bag scores kept for the estimate.
     n = len(inputs.image_ids)
-    params = inputs.params
-    bags = ensembles.ensemble_bags(n, params["n_members"], params["fraction"], inputs.rng_seed)
-    factory = inputs.detector.factory()
-    out_of_bag = ensembles.out_of_bag_scores(inputs.features, inputs.image_ids, factory, bags)
-    ranking = ensembles.out_of_bag_ranking(
-        out_of_bag, inputs.image_ids, params["aggregate"], inputs.rng_seed
-    )
+    ranking = _ensemble_oob(inputs)
     # The contamination is read off the members' scores in the detector's units (averaged over
     # the members that did not see the image), whose healthy bulk the estimator models: rank
     # positions are bounded and near uniform, with no tail to find.
-    ratio = estimate_contamination(out_of_bag.mean())
+    ratio = estimate_contamination(_out_of_bag(inputs).mean())
     return Selection(ranking.order[: refinement.n_removed(n, ratio)], ratio)
 
 

@@ -224,7 +224,7 @@ def test_ensemble_auto_removes_the_estimated_share_of_the_ensemble_ranking():
     ratio = estimate_contamination(np.array(raw_means))
     assert selection.ratio == pytest.approx(ratio)
     assert ratio > 0  # the planted group stands out of the healthy bulk
-    ranking = strategies.get("ensemble_oob").function(inputs)
+    ranking = strategies.get("ensemble_oob").function(inputs_for("mahalanobis", features, ids))
     np.testing.assert_array_equal(selection.removed, ranking.order[: round_half_up(ratio * N)])
 
 
@@ -277,6 +277,39 @@ def test_consensus_includes_patchcore_leave_one_out_and_the_ensembles():
     np.testing.assert_array_equal(consensus.order, reference_order(consensus.scores, ids, seed))
     assert consensus.n_fits == 2 + 2 * 4
     assert strategies.get("consensus").ranked_by(inputs) == "knn+patchcore"
+
+
+def test_a_job_computes_each_costly_ranking_once_and_reuses_it_unchanged(monkeypatch):
+    from sroc.detectors.base import BaseDetector
+
+    features, ids = random_features(seed=8, n_defective=3)
+    members = tuple(DetectorSpec(m, PARAMS[m], name=f"member {m}") for m in ("knn", "mahalanobis"))
+    settings = {"consensus_rankings": ["sroc_loo", "ensemble_oob"], "strategy_params": {}}
+    names = ["sroc_loo", "consensus", "sroc_auto", "ensemble_oob", "ensemble_auto"]
+
+    def job_inputs():
+        return inputs_for("mahalanobis", features, ids, consensus=members, settings=settings)
+
+    fits = []
+    original_fit = BaseDetector.fit
+    monkeypatch.setattr(
+        BaseDetector,
+        "fit",
+        lambda self, f: fits.append(type(self).__name__) or original_fit(self, f),
+    )
+    shared = job_inputs()  # one job: every strategy's inputs derived from the same ones
+    in_one_job = {name: strategies.get(name).function(replace(shared)) for name in names}
+    # Leave-one-out: one fit per detector type; the ensembles: 10 members per type.
+    assert sorted(fits) == sorted(["KNNDetector"] * 11 + ["MahalanobisDetector"] * 11)
+
+    for name in names:  # each strategy alone, in a job of its own
+        alone = strategies.get(name).function(job_inputs())
+        if isinstance(alone, strategies.Selection):
+            np.testing.assert_array_equal(in_one_job[name].removed, alone.removed)
+            assert in_one_job[name].ratio == alone.ratio
+        else:
+            np.testing.assert_array_equal(in_one_job[name].scores, alone.scores)
+            np.testing.assert_array_equal(in_one_job[name].order, alone.order)
 
 
 # ---------------------------------------------------------------------------------------------
