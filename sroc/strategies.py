@@ -292,26 +292,34 @@ def _computed_once(inputs: RankingInputs, what: str, compute: Callable, *key) ->
     return inputs.computed[full_key]
 
 
-def _leave_one_out(ranking: Callable) -> Callable[[RankingInputs], refinement.Ranking]:
-    """A strategy function for a self-scoring ranking of sroc.refinement whose detector scores
-    each training image without it (``exclude_self``): ``sroc_loo``, ``patch_sroc``."""
-
-    def rank(inputs: RankingInputs) -> refinement.Ranking:
-        return _computed_once(
-            inputs,
-            f"leave-one-out {ranking.__name__}",
-            lambda: ranking(
-                inputs.features,
-                inputs.image_ids,
-                inputs.detector.factory(exclude_self=True),
-                tie_seed=inputs.rng_seed,
-            ),
-        )
-
-    return rank
+def _patch_sroc(inputs: RankingInputs) -> refinement.Ranking:
+    return _computed_once(
+        inputs,
+        "patch_sroc",
+        lambda: refinement.patch_sroc_ranking(
+            inputs.features,
+            inputs.image_ids,
+            inputs.detector.factory(exclude_self=True),
+            tie_seed=inputs.rng_seed,
+        ),
+    )
 
 
-_sroc_loo = _leave_one_out(refinement.sroc_ranking)
+def _sroc_loo(inputs: RankingInputs) -> refinement.Ranking:
+    if detector_class(inputs.detector.type).has_patch_bank:
+        # patch_sroc's leave-one-image-out scoring gives these very image scores (each image's
+        # highest patch score): one scoring serves both strategies.
+        return replace(_patch_sroc(inputs), strategy="sroc", patch_scores=None)
+    return _computed_once(
+        inputs,
+        "sroc_loo",
+        lambda: refinement.sroc_ranking(
+            inputs.features,
+            inputs.image_ids,
+            inputs.detector.factory(exclude_self=True),
+            tie_seed=inputs.rng_seed,
+        ),
+    )
 
 
 def _iterative_sroc(inputs: RankingInputs, ratio: float) -> refinement.Ranking:
@@ -557,7 +565,7 @@ register(
         name="patch_sroc",
         label="SROC, patch-level",
         kind="patch",
-        function=_leave_one_out(refinement.patch_sroc_ranking),
+        function=_patch_sroc,
         cost=lambda m: m.fit(m.n) + m.self_score(),
         requires=frozenset({"exclude_self", "patch_bank"}),
     )

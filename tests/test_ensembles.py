@@ -312,6 +312,26 @@ def test_a_job_computes_each_costly_ranking_once_and_reuses_it_unchanged(monkeyp
             np.testing.assert_array_equal(in_one_job[name].order, alone.order)
 
 
+def test_patch_bank_detectors_score_leave_one_out_once_for_sroc_loo_and_patch_sroc(monkeypatch):
+    from sroc.detectors.base import BaseDetector
+
+    features, ids = random_features(seed=9, n_defective=3)
+    shared = inputs_for("patchcore", features, ids)
+    fits = []
+    original_fit = BaseDetector.fit
+    monkeypatch.setattr(
+        BaseDetector, "fit", lambda self, f: fits.append(1) or original_fit(self, f)
+    )
+    patch = strategies.get("patch_sroc").function(replace(shared))
+    loo = strategies.get("sroc_loo").function(replace(shared))
+    assert len(fits) == 1 and loo.patch_scores is None and patch.patch_scores is not None
+    # The reference: sroc.refinement's own leave-one-out SROC, without the strategies.
+    factory = shared.detector.factory(exclude_self=True)
+    expected = refinement.sroc_ranking(features, ids, factory, tie_seed=shared.rng_seed)
+    np.testing.assert_array_equal(loo.scores, expected.scores)
+    np.testing.assert_array_equal(loo.order, expected.order)
+
+
 # ---------------------------------------------------------------------------------------------
 # Costs
 
