@@ -103,8 +103,7 @@ def test_shared_configs_plan_the_recovery_measurement(tmp_path, overlay, cells):
     root = Path(config["dataset"]["folder"]["root"])
     config["dataset"]["folder"]["root"] = str((REPO / root).resolve())
     jobs = planned_jobs(snakemake(tmp_path, config, "--dry-run").stdout)
-    n_refined = sum(1 for r in config["refinement"]["ratios"] if r > 0)  # piped 1, magnetic_tile 2
-    assert jobs["rank"] == cells and jobs["refine"] == n_refined * cells
+    assert jobs["rank"] == cells and jobs["refine"] == cells  # r = p only
     assert jobs["table_recovery"] == 1 and jobs["table_auto_ratio"] == 1
 
 
@@ -127,7 +126,7 @@ def test_layered_configs_merge_as_snakemake_configfile_does():
         update_config(expected, copy.deepcopy(overlay))
         assert layered(base, overlay) == expected
     merged = layered(shared, tile)
-    assert merged["refinement"]["ratios"] == [0.0, 0.2, 0.3]  # a list: replaced
+    assert merged["refinement"]["consensus"] == ["knn", "mahalanobis", "padim"]  # a list: replaced
     assert merged["refinement"]["strategies"] == shared["refinement"]["strategies"]  # kept
     assert merged["refinement"]["consensus_params"]["padim"] == {"n_features": 100}  # merged
 
