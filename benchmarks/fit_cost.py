@@ -21,7 +21,8 @@ its configured threads, it measures:
   fraction of this machine's float32 matmul limit, measured in the same run with
   benchmarks/matmul_limit.py (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset in a subprocess).
 
-It then projects the default grid. Per (category, seed, detector) cell: one fit and test scoring
+It prints each strategy's projected own work per cell (the registry's ``cost``), then projects
+the default grid. Per (category, seed, detector) cell: one fit and test scoring
 per pollution ratio (the robustness curve); then each configured strategy's own work, as its entry
 in sroc.strategies prices it (``cost``: its fits and scorings, e.g. n_folds fits on (1 - 1/n_folds)
 N scoring N/n_folds for cross-validation, the refiner's and consensus members' own fits and
@@ -279,10 +280,19 @@ def _quick_cell(config: dict) -> MeasuredCell:
     )
 
 
+def _categories(results: Path, config: dict) -> list[str]:
+    """The config's categories; ``all``: those the run under ``results`` embedded."""
+    categories = (config.get("dataset") or {}).get("categories", [])
+    if categories != "all":
+        return list(categories)
+    embeddings = results / config["dataset"]["name"] / "embeddings"
+    return sorted(p.name for p in embeddings.iterdir()) if embeddings.is_dir() else []
+
+
 def _results_caches(results: Path, config: dict) -> list[Path]:
     dataset = config["dataset"]["name"]
     caches = []
-    for category in config["dataset"]["categories"]:
+    for category in _categories(results, config):
         found = sorted((results / dataset / "embeddings" / category).glob("*.h5"))
         if not found:
             raise SystemExit(
@@ -583,7 +593,9 @@ def main(argv: list[str] | None = None) -> None:
     specs = detector_specs(config)
     refinement = refinement_settings(config)
     seeds = (config.get("pollution") or {}).get("seeds", DEFAULT_SEEDS)
-    categories = (config.get("dataset") or {}).get("categories", [])
+    categories = _categories(args.results, config)
+    if args.quick and not categories:  # "all" of a dataset not embedded: the quick cell's
+        categories = [_quick_cell(config).category]
 
     if args.quick:
         cells = [_quick_cell(config)]
@@ -623,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
         other_costs = {other.name: measure(other, cell) for other in others}
         cell_totals[cell.category] = 0.0
         cell_jobs[cell.category] = [0, 0]
-        rows = []
+        rows, strategy_rows = [], []
         for spec in specs:
             try:
                 cost, detector = measure(spec, cell, args.repeats)
@@ -637,6 +649,10 @@ def main(argv: list[str] | None = None) -> None:
                 detector, cost, cell, refinement, others[0], others[1:], other_costs
             )
             jobs = cell_seconds(spec, model, config)
+            chosen = strategies.strategies_for(spec.type, refinement["strategies"])
+            strategy_rows.append(
+                {"detector": spec.name, **{n: strategies.get(n).cost(model) for n in chosen}}
+            )
             seconds = jobs.seconds
             job_seconds = (
                 seconds + jobs.loading_jobs * overhead + jobs.adopting_jobs * adopting
@@ -666,6 +682,11 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
         print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"))
+        print(
+            "projected seconds of each strategy's own work in a cell (its rankings' fits and "
+            "scorings, a single-run strategy's run; the refits of the ratios come on top):"
+        )
+        print(pd.DataFrame(strategy_rows).to_markdown(index=False, floatfmt=".3g"))
 
     per_category = np.mean(list(cell_totals.values()))
     if sorted(cell_totals) == sorted(categories):

@@ -211,8 +211,17 @@ def settings_read(strategies: Sequence[str]) -> list[str]:
 
 def rank_job_cost(strategies: Sequence[str], model: CellCost) -> float:
     """The work of the ``rank`` job beyond the robustness curve: every ranking once, and every
-    single-run strategy's run."""
-    return sum(get(s).cost(model) for s in strategies if get(s).kind != "ranked_per_ratio")
+    single-run strategy's run. A strategy that cuts the ranking of another in the same job
+    (``auto_ratio_of``'s first) reuses it (:func:`_computed_once`): it adds its own work only."""
+    seconds = 0.0
+    for name in strategies:
+        strategy = get(name)
+        if strategy.kind == "ranked_per_ratio":
+            continue
+        seconds += strategy.cost(model)
+        if strategy.auto_ratio_of and strategy.auto_ratio_of[0] in strategies:
+            seconds -= get(strategy.auto_ratio_of[0]).cost(model)
+    return seconds
 
 
 def refine_job_cost(strategies: Sequence[str], model: CellCost, ratio: float) -> float:

@@ -359,6 +359,17 @@ def test_costs_count_the_members_fits_and_out_of_bag_scorings():
     )
 
 
+def test_a_rank_job_prices_a_ranking_that_an_auto_strategy_reuses_once():
+    spec = DetectorSpec("mahalanobis", name="mahalanobis")
+    model = costs.PerImageCost("mahalanobis", 40, sroc_config.refinement_defaults(), spec, [spec])
+    refit = model.test_run(40 - 8)
+    for auto, ranking in (("sroc_auto", "sroc_loo"), ("ensemble_auto", "ensemble_oob")):
+        alone = strategies.get(auto).cost(model)
+        assert strategies.rank_job_cost([auto], model) == pytest.approx(alone)
+        both = strategies.rank_job_cost([ranking, auto], model)
+        assert both == pytest.approx(strategies.get(ranking).cost(model) + refit)
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration
 
