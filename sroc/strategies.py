@@ -301,17 +301,23 @@ def _computed_once(inputs: RankingInputs, what: str, compute: Callable, *key) ->
     return inputs.computed[full_key]
 
 
-def _patch_sroc(inputs: RankingInputs) -> refinement.Ranking:
+def _leave_one_out(inputs: RankingInputs, ranking: Callable) -> refinement.Ranking:
+    """``ranking`` of sroc.refinement (``sroc_ranking``, ``patch_sroc_ranking``) by the detector
+    scoring each training image without it (``exclude_self``), once per job."""
     return _computed_once(
         inputs,
-        "patch_sroc",
-        lambda: refinement.patch_sroc_ranking(
+        ranking.__name__,
+        lambda: ranking(
             inputs.features,
             inputs.image_ids,
             inputs.detector.factory(exclude_self=True),
             tie_seed=inputs.rng_seed,
         ),
     )
+
+
+def _patch_sroc(inputs: RankingInputs) -> refinement.Ranking:
+    return _leave_one_out(inputs, refinement.patch_sroc_ranking)
 
 
 def _sroc_loo(inputs: RankingInputs) -> refinement.Ranking:
@@ -319,16 +325,7 @@ def _sroc_loo(inputs: RankingInputs) -> refinement.Ranking:
         # patch_sroc's leave-one-image-out scoring gives these very image scores (each image's
         # highest patch score): one scoring serves both strategies.
         return replace(_patch_sroc(inputs), strategy="sroc", patch_scores=None)
-    return _computed_once(
-        inputs,
-        "sroc_loo",
-        lambda: refinement.sroc_ranking(
-            inputs.features,
-            inputs.image_ids,
-            inputs.detector.factory(exclude_self=True),
-            tie_seed=inputs.rng_seed,
-        ),
-    )
+    return _leave_one_out(inputs, refinement.sroc_ranking)
 
 
 def _iterative_sroc(inputs: RankingInputs, ratio: float) -> refinement.Ranking:
@@ -415,9 +412,9 @@ def _folds(model: CellCost) -> int:
     return int(model.settings["n_folds"])
 
 
-# The ensembles' parameters. Provisional defaults from MeDS's sparse memories (about 10 % of the
-# data): 20 % keeps KNN's 5 neighbours within a member on the 30-image piped sets; to be settled
-# by the measurement on ../shared/data (docs/refinement.md).
+# The ensembles' parameters, chosen by benchmarks/ensemble_fraction.py on ../shared/data
+# (docs/refinement.md): no fraction is better for every detector; 20 % is at or near the best for
+# Mahalanobis and PaDiM and keeps KNN's 5 neighbours within a member on the 30-image piped sets.
 ENSEMBLE_PARAMS = {"n_members": 10, "fraction": 0.2, "aggregate": "rank"}
 
 
