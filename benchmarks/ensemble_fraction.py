@@ -117,8 +117,12 @@ def fraction_rows(cell, category, seed, spec, fractions, aggregates, n_members, 
     rows = []
     for fraction in fractions:
         started = time.perf_counter()
-        bags = ensembles.ensemble_bags(len(ids), n_members, fraction, rng_seed)
-        out_of_bag = ensembles.out_of_bag_scores(features, ids, factory, bags)
+        try:
+            bags = ensembles.ensemble_bags(len(ids), n_members, fraction, rng_seed)
+            out_of_bag = ensembles.out_of_bag_scores(features, ids, factory, bags)
+        except ValueError as error:  # a member too small for the detector: no row
+            print(f"{category} seed {seed} {spec.name} f = {fraction}: {error}", file=sys.stderr)
+            continue
         ensemble_seconds = time.perf_counter() - started
         for aggregate in aggregates:
             ranking = ensembles.out_of_bag_ranking(out_of_bag, ids, aggregate, rng_seed)
