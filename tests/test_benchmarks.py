@@ -187,8 +187,8 @@ def test_grid_projection_counts_every_fit_of_a_cell(monkeypatch):
     fit_sizes += [n / 4] * 4  # STOC
     fit_sizes += [n - n_polluted]  # oracle
     fit_sizes += [n]  # sroc_loo's leave-one-out model
-    fit_sizes += [n, n - n_polluted]  # sroc_auto: its leave-one-out model, then its refit
-    self_scores = 1 + 1 + 1  # sroc, sroc_loo, sroc_auto
+    fit_sizes += [n - n_polluted]  # sroc_auto: its refit (it cuts sroc_loo's ranking)
+    self_scores = 1 + 1  # sroc, sroc_loo
     ratio_s = {}
     for ratio in (0.25, 0.5):
         # iterative_sroc ranks at every ratio (at most one fit per step), then one refit per
