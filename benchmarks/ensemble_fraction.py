@@ -35,6 +35,9 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # the sibling fit_cost
+
+from fit_cost import run_categories  # noqa: E402
 
 from sroc import ensembles, refinement, strategies  # noqa: E402
 from sroc.config import (  # noqa: E402
@@ -220,9 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         categories, seeds = ["synthetic"], args.seeds or [0, 1]
         args.estimate_ratios = args.estimate_ratios or [0.0, ratio]
     else:
-        categories = config["dataset"]["categories"]
-        if categories == "all":  # the categories the run split
-            categories = sorted(p.name for p in (args.results / dataset / "splits").iterdir())
+        categories = run_categories(args.results, config)
         seeds = args.seeds or (config.get("pollution") or {}).get("seeds", [0])
     if not specs:
         raise SystemExit(f"no detector named {args.detectors} in the config's detectors")

@@ -280,7 +280,7 @@ def _quick_cell(config: dict) -> MeasuredCell:
     )
 
 
-def _categories(results: Path, config: dict) -> list[str]:
+def run_categories(results: Path, config: dict) -> list[str]:
     """The config's categories; ``all``: those the run under ``results`` embedded."""
     categories = (config.get("dataset") or {}).get("categories", [])
     if categories != "all":
@@ -292,7 +292,7 @@ def _categories(results: Path, config: dict) -> list[str]:
 def _results_caches(results: Path, config: dict) -> list[Path]:
     dataset = config["dataset"]["name"]
     caches = []
-    for category in _categories(results, config):
+    for category in run_categories(results, config):
         found = sorted((results / dataset / "embeddings" / category).glob("*.h5"))
         if not found:
             raise SystemExit(
@@ -593,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
     specs = detector_specs(config)
     refinement = refinement_settings(config)
     seeds = (config.get("pollution") or {}).get("seeds", DEFAULT_SEEDS)
-    categories = _categories(args.results, config)
+    categories = run_categories(args.results, config)
     if args.quick and not categories:  # "all" of a dataset not embedded: the quick cell's
         categories = [_quick_cell(config).category]
 
